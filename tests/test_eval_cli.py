@@ -1,0 +1,94 @@
+"""End to end on a tiny random model: run folder contents, resume, refusals, one-line errors."""
+
+import json
+
+import pytest
+
+from gsmtune.cli import main
+from gsmtune.evaluate import PREDICTIONS
+
+
+@pytest.fixture
+def run_args(tiny_model_dir, gsm_dir, tmp_path):
+    return ["eval", "configs/base.yaml", f"model.name={tiny_model_dir}", "dataset.source=local",
+            f"dataset.path={gsm_dir}", "generation.max_new_tokens=8", "generation.batch_size=4",
+            "model.dtype=fp32", f"output_dir={tmp_path / 'run'}"]
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_writes_run_folder(run_args, tmp_path, capsys):
+    assert main(run_args + ["prompt.strategy=one_shot"]) == 0
+    run = tmp_path / "run"
+    rows = read_rows(run / PREDICTIONS)
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    keys = {"index", "question", "gold", "prompt", "completion", "extracted_strict", "extracted_flexible", "correct",
+            "num_tokens", "stop_reason"}
+    assert keys <= set(rows[0])
+    assert all(r["prompt"].startswith("Question: Natalia") for r in rows)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["total"] == 6 and m["correct"] == sum(r["correct"] for r in rows)
+    assert m["ci95"][0] <= m["accuracy"] <= m["ci95"][1]
+    assert {"accuracy_strict", "accuracy_flexible", "no_answer_rate", "truncation_rate", "tokens_per_second",
+            "wall_time_seconds", "model", "dataset", "prompt_strategy", "seed"} <= set(m)
+    assert "prompt:\n  strategy: one_shot" in (run / "config.yaml").read_text()
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_resume_after_interruption_loses_nothing(run_args, tmp_path):
+    assert main(run_args) == 0
+    pred = tmp_path / "run" / PREDICTIONS
+    full = read_rows(pred)
+    lines = pred.read_text().splitlines()
+    pred.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed mid-write: a torn last line
+    assert main(run_args + ["--resume", "generation.batch_size=2"]) == 0  # batch size may change on resume
+    resumed = read_rows(pred)
+    assert sorted(r["index"] for r in resumed) == list(range(6))
+    by_index = {r["index"]: r["completion"] for r in resumed}
+    assert by_index == {r["index"]: r["completion"] for r in full}
+
+
+def test_num_eval_samples_subset(run_args, tmp_path):
+    assert main(run_args + ["num_eval_samples=3", "seed=5"]) == 0
+    assert len(read_rows(tmp_path / "run" / PREDICTIONS)) == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["num_eval_samples=99"], "num_eval_samples=99 is larger than the split (6 problems)"),
+        (["model.name=/no/such/model"], "model.name=/no/such/model: no such folder"),
+        (["prompt.stratgy=one_shot"], "did you mean 'prompt.strategy'"),
+    ],
+)
+def test_user_mistakes_are_one_line(run_args, extra, message, capsys):
+    assert main(run_args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_data_folder_and_malformed_row(run_args, gsm_dir, tmp_path, capsys):
+    assert main(run_args + [f"dataset.path={tmp_path / 'missing'}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (gsm_dir / "test.jsonl").write_text('{"question": "x", "answer": "#### 1"}\nnot json\n')
+    assert main(run_args) == 2
+    assert "test.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_existing_run_is_protected(run_args, tmp_path, capsys):
+    assert main(run_args) == 0
+    assert main(run_args) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    assert main(run_args + ["seed=3", "--resume"]) == 2
+    assert "different config (seed)" in capsys.readouterr().err
+    before = (tmp_path / "run" / PREDICTIONS).read_text()
+    assert before  # nothing was lost by the refusals
+    assert main(run_args + ["prompt.strategy=one_shot", "--overwrite"]) == 0
+    assert all(r["prompt"].startswith("Question: Natalia") for r in read_rows(tmp_path / "run" / PREDICTIONS))
+
+
+def test_unknown_bundled_model(run_args, capsys):
+    assert main(run_args + ["model.name=bundled:gemma-9"]) == 2
+    assert "unknown bundled model 'bundled:gemma-9'" in capsys.readouterr().err

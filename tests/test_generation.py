@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from gsmtune.generation import Completion, StopRules, _finish, generate, left_pad, stop_token_ids
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" 3 + 4 = 7\n#### 7\nQuestion: next", (len(" 3 + 4 = 7\n#### 7"), "answer_line")),
+        (" 3 + 4 = 7\n#### 7", None),  # the answer line is not finished yet: '#### 75' may follow
+        (" 7 apples.\nQuestion: How many", (len(" 7 apples."), "new_question")),
+        (" 7 apples.\n\nQuestion: How many", (len(" 7 apples."), "new_question")),
+        (" The Question: is hard", None),  # only a new line that starts with Question: counts
+        ("#### \n", None),  # no number on the line
+        (" so $1,200.\n#### $1,200\n", (len(" so $1,200.\n#### $1,200"), "answer_line")),
+    ],
+)
+def test_stop_rules(text, expected):
+    assert StopRules().find(text) == expected
+
+
+def test_stop_rules_can_be_switched_off():
+    assert StopRules(at_answer=False).find("#### 7\n") is None
+    assert StopRules(at_new_question=False).find("x\nQuestion: y") is None
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_finish_reasons(tiny_tokenizer):
+    tok = tiny_tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rules = StopRules()
+    assert _finish(tok, enc(" 3 + 4 = 7") + [eos, pad], {eos}, pad, rules) == Completion(" 3 + 4 = 7", len(enc(" 3 + 4 = 7")) + 1, "eos")
+    ans = _finish(tok, enc(" 7\n#### 7\n") + [pad, pad], {eos}, pad, rules)
+    assert (ans.text, ans.stop_reason) == (" 7\n#### 7", "answer_line")
+    q = _finish(tok, enc(" 7\nQuestion: more"), {eos}, pad, rules)
+    assert (q.text, q.stop_reason) == (" 7", "new_question")
+    cut = _finish(tok, enc(" 1 2 3 4"), {eos}, pad, rules)
+    assert (cut.text, cut.stop_reason, cut.num_tokens) == (" 1 2 3 4", "max_tokens", len(enc(" 1 2 3 4")))
+
+
+def test_stop_token_ids_include_end_of_turn(tiny_tokenizer):
+    assert set(stop_token_ids(tiny_tokenizer)) == {tiny_tokenizer.eos_token_id,
+                                                   tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+
+
+def test_batched_generation_matches_one_by_one(tiny_model_dir, tiny_tokenizer):
+    """Left padding must not change greedy outputs: each row equals its own unbatched run."""
+    from transformers import AutoModelForCausalLM
+
+    from gsmtune.config import load_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    gen = load_config(None, ["generation.max_new_tokens=12"]).generation
+    prompts = [[tiny_tokenizer.bos_token_id, *tiny_tokenizer(t, add_special_tokens=False)["input_ids"]]
+               for t in ["Question: Tom has 3 apples\nAnswer:", "Question: A box\nAnswer:"]]
+    batched = generate(model, tiny_tokenizer, prompts, gen, StopRules())
+    single = [generate(model, tiny_tokenizer, [p], gen, StopRules())[0] for p in prompts]
+    assert batched == single
+    assert all(c.num_tokens <= 12 for c in batched)
