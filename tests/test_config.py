@@ -5,7 +5,8 @@ import pytest
 from gsmtune.config import config_differences, load_config
 from gsmtune.errors import GsmtuneError
 
-SHIPPED = sorted((Path(__file__).parents[1] / "src" / "gsmtune" / "configs").rglob("*.yaml"))
+SHIPPED = [p for p in sorted((Path(__file__).parents[1] / "src" / "gsmtune" / "configs").rglob("*.yaml"))
+           if p.parent.name != "accelerate"]  # accelerate configs have their own schema
 
 
 def write(path: Path, text: str) -> Path:

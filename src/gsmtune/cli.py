@@ -29,9 +29,63 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{cfg.output_dir}: {format_metrics(metrics)}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from gsmtune.config import load_config
+    from gsmtune.training.sft import run_train
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    print(f"trained model: {run_train(cfg, resume=args.resume, overwrite=args.overwrite)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Train, then evaluate the trained model with the same config, then compare with the baseline run if named."""
+    from gsmtune.config import load_config
+    from gsmtune.evaluate import run_eval
+    from gsmtune.training.sft import is_main_process, run_train
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    model_dir = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not is_main_process():  # under accelerate launch, rank 0 evaluates
+        return
+    metrics = run_eval(cfg, resume=True, model_path=str(model_dir))
+    print(side_by_side(cfg, metrics))
+
+
+def side_by_side(cfg, metrics: dict) -> str:
+    import json
+
+    from gsmtune.evaluate import METRICS, format_metrics
+
+    lines = [f"{'tuned':>8} {cfg.output_dir}: {format_metrics(metrics)}"]
+    if cfg.baseline_run:
+        path = Path(cfg.baseline_run) / METRICS
+        if not path.exists():
+            raise GsmtuneError(f"baseline_run={cfg.baseline_run} has no {METRICS}; run its evaluation first")
+        lines.insert(0, f"{'baseline':>8} {cfg.baseline_run}: {format_metrics(json.loads(path.read_text()))}")
+    return "\n".join(lines)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from gsmtune.training.sft import merge_adapter
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise GsmtuneError(f"{adapter} holds no adapter_config.json; give the LoRA folder (RUN/model)")
+    print(f"merged model: {merge_adapter(adapter, Path(args.output))}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    args.config = str(CONFIGS / "quickstart.yaml")
-    cmd_eval(args)
+    """Base model, then a short LoRA run, evaluated on the same problems; reruns reuse finished work."""
+    from gsmtune.config import load_config
+    from gsmtune.evaluate import run_eval
+    from gsmtune.training.sft import run_train
+
+    out = load_config(CONFIGS / "quickstart.yaml", args.overrides).output_dir
+    base = load_config(CONFIGS / "quickstart.yaml", [*args.overrides, f"output_dir={out}/base"])
+    tuned = load_config(CONFIGS / "quickstart.yaml", [*args.overrides, f"output_dir={out}/lora", f"baseline_run={out}/base"])
+    run_eval(base, resume=not args.overwrite, overwrite=args.overwrite)
+    model_dir = run_train(tuned, resume=not args.overwrite, overwrite=args.overwrite)
+    print(side_by_side(tuned, run_eval(tuned, resume=True, model_path=str(model_dir))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("quickstart", help="offline demo: the bundled Gemma 3 270M on generated GSM8K-style problems")
+    p = sub.add_parser("train", help="fine-tune (full, LoRA, QLoRA) with the config's training settings")
+    p.add_argument("config")
+    run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="train, evaluate the trained model, print it beside baseline_run")
+    p.add_argument("config")
+    run_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (safetensors)")
+    p.add_argument("adapter", help="the adapter folder (RUN/model)")
+    p.add_argument("-o", "--output", required=True, help="folder for the merged model")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("quickstart", help="offline demo: evaluate the bundled Gemma 3 270M, LoRA-tune it briefly, evaluate again")
     run_options(p)
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -41,6 +41,8 @@ class DatasetConfig:
     symbolic_train_size: int = 2000
     symbolic_test_size: int = 500
     symbolic_test_fraction: float = 0.2  # share of templates held out for test
+    train_samples: int | None = None  # train on a seeded slice of train (None = all)
+    validation_size: int = 0  # carve a seeded validation split out of train (never test)
 
 
 @dataclass
@@ -65,11 +67,51 @@ class GenerationConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Hugging Face `TrainingArguments` names; defaults are the reference study's."""
+
+    method: str = "lora"  # full | lora | qlora
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "cosine_with_min_lr"
+    min_lr: float = 1e-6
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 2
+    optim: str = "adamw_bnb_8bit"  # falls back to adamw_torch without CUDA
+    bf16: bool = True  # falls back to fp32 where the hardware has no bf16
+    gradient_checkpointing: bool = True
+    max_seq_length: int = 512
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 2
+    eval_steps: int = 50  # with dataset.validation_size > 0
+    early_stopping_patience: int | None = None
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow
+    merge: bool = False  # LoRA: also write a merged full model to RUN/merged
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    baseline_run: str | None = None  # `gsmtune run` prints this run's metrics beside the tuned model's
     num_eval_samples: int | None = None  # None = the whole eval split
     seed: int = 42
     output_dir: str = "runs/eval"
@@ -79,9 +121,11 @@ CHOICES = {
     "dataset.config_name": ("main", "socratic"),
     "dataset.source": ("hub", "local", "symbolic"),
     "prompt.strategy": ("zero_shot", "one_shot", "few_shot"),
+    "training.method": ("full", "lora", "qlora"),
+    "training.report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 # Keys that change speed, not results: a resumed run may differ in these.
-RUNTIME_KEYS = ("generation.batch_size", "output_dir")
+RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps")
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:

@@ -112,8 +112,11 @@ def compute_metrics(rows: list[dict], cfg: DictConfig, wall_time: float) -> dict
     }
 
 
-def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """The in-context or fine-tuned evaluation of one config; returns its metrics."""
+def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, model_path: str | None = None) -> dict:
+    """The in-context or fine-tuned evaluation of one config; returns its metrics.
+
+    `model_path` replaces `model.name` for the weights (a trained run evaluates its own RUN/model folder).
+    """
     from gsmtune.generation import StopRules, generate
     from gsmtune.models import load_model
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
@@ -128,7 +131,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> 
     pending = [p for p in problems if p.index not in done]
 
     if pending:
-        lm = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
+        lm = load_model(model_path or cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code,
                         cfg.model.attn_implementation)
         prompts = {p.index: build_prompt(p.question, cfg, shots, lm.tokenizer) for p in pending}
         ids = {i: tokenize_prompt(text, lm.tokenizer) for i, text in prompts.items()}
@@ -156,7 +159,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> 
         bar.close()
 
     rows = [done[p.index] for p in problems]
-    metrics = compute_metrics(rows, cfg, time.time() - start)
+    metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name}
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -52,16 +52,20 @@ def chat_messages(question: str, shots: list[Shot], instruction: str | None) -> 
     return messages
 
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """Render with the model's template; templates without a system role (Gemma 1/2) get it in the first turn."""
+def fit_system_role(tokenizer, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Templates without a system role (Gemma 1/2) get the instruction at the start of the first user turn."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return messages
     except Exception:  # jinja raises TemplateError("System role not supported")
-        if messages[0]["role"] != "system":
-            raise
         system, first, *rest = messages
-        merged = {"role": "user", "content": system["content"] + "\n\n" + first["content"]}
-        return tokenizer.apply_chat_template([merged, *rest], tokenize=False, add_generation_prompt=True)
+        return [{"role": "user", "content": system["content"] + "\n\n" + first["content"]}, *rest]
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(fit_system_role(tokenizer, messages), tokenize=False, add_generation_prompt=True)
 
 
 def build_prompt(question: str, cfg: DictConfig, shots: list[Shot], tokenizer=None) -> str:

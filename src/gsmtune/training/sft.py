@@ -1,0 +1,242 @@
+"""Supervised fine-tuning recipe (full, LoRA, QLoRA) on TRL's SFTTrainer; loss on answer tokens only."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gsmtune.errors import GsmtuneError
+from gsmtune.evaluate import prepare_run_dir
+from gsmtune.models import bf16_supported, load_tokenizer, pick_device, resolve_model_path
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+MERGED = "merged"
+TRAIN_METRICS = "train_metrics.json"
+
+
+def say(message: str) -> None:
+    print(f"gsmtune: {message}", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` / torchrun job (or a plain single process): the one that writes the run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
+    """The optimizer and precision this machine can run, saying in one line what replaces an impossible choice."""
+    optim, bf16 = t.optim, bool(t.bf16)
+    if "bnb" in optim or "8bit" in optim:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            bnb = False
+        else:
+            bnb = device.type == "cuda"
+        if not bnb:
+            say(f"training.optim={optim} needs CUDA and bitsandbytes; using adamw_torch instead")
+            optim = "adamw_torch"
+    if bf16 and not bf16_supported(device):
+        say(f"training.bf16=true but this {device.type} has no bf16 support; training in fp32 instead")
+        bf16 = False
+    return optim, bf16
+
+
+def is_gemma(path: str) -> bool:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).model_type.startswith("gemma")
+
+
+def load_for_training(cfg: DictConfig, device: torch.device, bf16: bool):
+    """Full: fp32 master weights (bf16 autocast does the math). LoRA: frozen base in bf16, adapters in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    t = cfg.training
+    path = resolve_model_path(cfg.model.name)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    # Gemma's model card asks for eager attention in training (sdpa has been reported to diverge)
+    kwargs["attn_implementation"] = cfg.model.attn_implementation or ("eager" if is_gemma(path) else None)
+    kwargs["dtype"] = torch.bfloat16 if (bf16 and t.method != "full") else torch.float32
+    if t.method == "qlora":
+        if device.type != "cuda":
+            raise GsmtuneError("training.method=qlora needs CUDA and bitsandbytes; use training.method=lora on this machine")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise GsmtuneError(f"could not load model '{cfg.model.name}': {str(e).splitlines()[0]}") from e
+    return model, load_tokenizer(path, cfg.model.trust_remote_code), path
+
+
+def peft_config(cfg: DictConfig):
+    if cfg.training.method == "full":
+        return None
+    from peft import LoraConfig
+
+    lc = cfg.training.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device, has_validation: bool):
+    from trl import SFTConfig
+
+    t = cfg.training
+    validation = {}
+    if has_validation:
+        validation = {"eval_strategy": "steps", "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.per_device_train_batch_size}
+        if t.early_stopping_patience:
+            # the best checkpoint can only be restored if checkpoints fall on evaluation steps
+            validation |= {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
+    return SFTConfig(
+        output_dir=str(out / CHECKPOINTS),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        optim=optim,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
+        max_length=t.max_seq_length,
+        completion_only_loss=True,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.eval_steps if (has_validation and t.early_stopping_patience) else t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        **validation,
+    )
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    ckpts = sorted((out / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems: list, device: torch.device,
+                  optim: str, bf16: bool):
+    """The SFTTrainer for a config: TRL tokenizes prompt + completion, appends EOS, masks the prompt."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    from gsmtune.training.sft_data import sft_rows
+
+    model, tokenizer, path = load_for_training(cfg, device, bf16)
+    train_ds = Dataset.from_list(sft_rows(train_problems, cfg, tokenizer))
+    val_ds = Dataset.from_list(sft_rows(val_problems, cfg, tokenizer)) if val_problems else None
+    args = sft_config(cfg, out, optim, bf16, device, val_ds is not None)
+    patience = cfg.training.early_stopping_patience
+    callbacks = [EarlyStoppingCallback(patience)] if (val_ds is not None and patience) else []
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                         peft_config=peft_config(cfg), callbacks=callbacks)
+    return trainer, path
+
+
+def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train, save the model (adapter for LoRA) as safetensors in RUN/model, and write RUN/train_metrics.json."""
+    from gsmtune.training.sft_data import train_validation_split
+
+    start = time.time()
+    train_problems, val_problems = train_validation_split(cfg)
+    device = pick_device(cfg.model.device)
+    optim, bf16 = choose_runtime(cfg.training, device)
+    if is_main_process():
+        out = prepare_run_dir(cfg, resume, overwrite)
+    else:  # other ranks leave the run folder to rank 0; the trainer synchronises them
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / TRAIN_METRICS).exists():  # written last: training finished
+        say(f"{out} already holds a trained model; nothing to resume")
+        return out / MODEL
+    checkpoint = latest_checkpoint(out) if resume else None
+    trainer, path = build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
+    args, tokenizer = trainer.args, trainer.processing_class
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    say(f"training {cfg.training.method} on {len(trainer.train_dataset)} problems; optimizer {optim}, "
+        f"{'bf16' if bf16 else 'fp32'}, {trainable:,} trainable parameters" + (f"; resuming {checkpoint}" if checkpoint else ""))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    final = out / MODEL
+    trainer.save_model(str(final))  # safetensors: the adapter for LoRA, the full model otherwise (rank 0 writes)
+    if not trainer.is_world_process_zero():
+        return final
+    tokenizer.save_pretrained(final)
+    if cfg.training.merge and cfg.training.method != "full":
+        merge_adapter(final, out / MERGED)
+    history = trainer.state.log_history
+    metrics = {
+        "method": cfg.training.method,
+        "model": cfg.model.name,
+        "base_model_path": path,
+        "optimizer": optim,
+        "precision": "bf16" if bf16 else "fp32",
+        "device": str(device),
+        "trainable_parameters": trainable,
+        "train_examples": len(trainer.train_dataset),
+        "validation_examples": len(val_problems),
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "examples_seen": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * args.world_size,
+        "world_size": args.world_size,
+        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        "train_loss_mean": result.training_loss,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "train_runtime_seconds": result.metrics.get("train_runtime"),
+        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
+        if result.metrics.get("train_runtime") else None,
+        "peak_memory_gib": peak_memory_gib(device),
+        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        "wall_time_seconds": time.time() - start,
+        "resumed_from": checkpoint,
+    }
+    (out / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return final
+
+
+def merge_adapter(adapter_dir: Path, target: Path) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain safetensors model folder."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+    base = model.peft_config["default"].base_model_name_or_path
+    merged = model.merge_and_unload()
+    merged.save_pretrained(target)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else resolve_model_path(base)
+    load_tokenizer(str(tok_src)).save_pretrained(target)
+    return target

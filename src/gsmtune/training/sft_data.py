@@ -1,0 +1,57 @@
+"""GSM8K as tokenized training rows: the prompt tokens are exactly what evaluation feeds the model.
+
+Tokenized here rather than by TRL so that training and evaluation share one BOS rule (`tokenize_prompt`) and the
+prompt/answer boundary cannot shift when tokens merge across it.
+"""
+
+from __future__ import annotations
+
+import random
+
+from omegaconf import DictConfig
+
+from gsmtune.data import Problem, load_split
+from gsmtune.errors import GsmtuneError
+from gsmtune.prompts import build_prompt, chat_messages, fit_system_role, tokenize_prompt
+
+
+def train_validation_split(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
+    """A seeded shuffle of train: the first `validation_size` for validation, the next `train_samples` for training."""
+    problems = load_split(cfg.dataset, "train")
+    order = list(range(len(problems)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = cfg.dataset.validation_size
+    n_train = cfg.dataset.train_samples if cfg.dataset.train_samples is not None else len(problems) - n_val
+    if n_val < 0 or n_train <= 0 or n_val + n_train > len(problems):
+        raise GsmtuneError(
+            f"dataset.train_samples={cfg.dataset.train_samples} + dataset.validation_size={n_val} does not fit the "
+            f"{len(problems)} train problems; lower them"
+        )
+    val = [problems[i] for i in order[:n_val]]
+    train = [problems[i] for i in order[n_val: n_val + n_train]]
+    return train, val
+
+
+def completion_text(problem: Problem, cfg: DictConfig, tokenizer, prompt: str) -> str:
+    """Raw text: ' <solution>' (EOS is added as a token). Chat: what the template writes for the reply, end of turn included."""
+    if not cfg.prompt.chat_template:
+        return " " + problem.answer
+    instruction = cfg.prompt.instruction_text if cfg.prompt.instruction else None
+    messages = fit_system_role(tokenizer, chat_messages(problem.question, [], instruction))
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": problem.answer}], tokenize=False)
+    if not full.startswith(prompt):
+        raise GsmtuneError("the chat template renders the prompt differently inside a conversation; use prompt.chat_template=false")
+    return full[len(prompt):]
+
+
+def sft_rows(problems: list[Problem], cfg: DictConfig, tokenizer) -> list[dict]:
+    """`input_ids` + `completion_mask` rows for TRL's SFTTrainer: loss on the answer (and EOS / end of turn) only."""
+    rows = []
+    for p in problems:
+        prompt = build_prompt(p.question, cfg, [], tokenizer)
+        prompt_ids = tokenize_prompt(prompt, tokenizer)
+        answer_ids = tokenizer(completion_text(p, cfg, tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        if not cfg.prompt.chat_template:
+            answer_ids.append(tokenizer.eos_token_id)
+        rows.append({"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
+    return rows

@@ -1,0 +1,171 @@
+"""Fine-tuning on a tiny random model: loss masking, loss going down, kill + resume, fallbacks, adapters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import PROBLEMS, write_jsonl
+
+from gsmtune.cli import main
+from gsmtune.config import load_config
+from gsmtune.errors import GsmtuneError
+
+
+@pytest.fixture
+def train_dir(tmp_path):
+    rows = [{"question": q, "answer": a} for q, a in PROBLEMS]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows * 4)
+    write_jsonl(data / "test.jsonl", rows)
+    return data
+
+
+def overrides(model_dir, data, out, *more):
+    return [f"model.name={model_dir}", "dataset.source=local", f"dataset.path={data}", "training.max_steps=4",
+            "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
+            "training.logging_steps=1", "training.save_steps=2", "training.learning_rate=1e-3",
+            "generation.max_new_tokens=8", "model.dtype=fp32", f"output_dir={out}", *more]
+
+
+def make_trainer(cfg, tmp_path):
+    from gsmtune.training.sft import build_trainer, choose_runtime
+    from gsmtune.training.sft_data import train_validation_split
+
+    train, val = train_validation_split(cfg)
+    optim, bf16 = choose_runtime(cfg.training, torch.device("cpu"))
+    return build_trainer(cfg, tmp_path, train, val, torch.device("cpu"), optim, bf16)[0]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_loss_only_on_answer_and_eos(tiny_model_dir, train_dir, tmp_path, chat):
+    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r", f"prompt.chat_template={chat}"))
+    trainer = make_trainer(cfg, tmp_path)
+    tok = trainer.processing_class
+    answers = {a for _, a in PROBLEMS}
+    for row in trainer.train_dataset:
+        ids = row["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        mask = [label != -100 for label in row["labels"]]
+        trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        prompt = tok.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        if chat:  # the end-of-turn token must carry loss, or the model never learns to stop
+            assert trained.endswith("<end_of_turn>\n") or trained.endswith("<end_of_turn>")
+            assert trained.split("<end_of_turn>")[0] in answers
+            assert prompt.endswith("<start_of_turn>model\n")
+        else:
+            assert trained.endswith("<eos>") and trained[: -len("<eos>")].removeprefix(" ") in answers
+            assert trained.startswith(" ")
+            assert prompt.endswith("\nAnswer:") and prompt.startswith("<bos>Question: ")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_reduces_loss(tiny_model_dir, train_dir, tmp_path, method):
+    out = tmp_path / method
+    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, f"training.method={method}",
+                                                         "training.max_steps=12", "training.learning_rate=5e-3",
+                                                         "training.lora.r=8", "training.lr_scheduler_type=constant")]) == 0
+    m = json.loads((out / "train_metrics.json").read_text())
+    losses = [p["loss"] for p in m["loss_curve"]]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert m["optimizer"] == "adamw_torch" and m["method"] == method and m["global_step"] == 12
+    assert m["trainable_parameters"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory_gib"] > 0
+    files = {p.name for p in (out / "model").iterdir()}
+    assert ("adapter_model.safetensors" if method == "lora" else "model.safetensors") in files
+
+
+def test_fallback_lines(capsys):
+    from gsmtune.training.sft import choose_runtime
+
+    cfg = load_config(None, ["training.optim=adamw_bnb_8bit"])
+    optim, _ = choose_runtime(cfg.training, torch.device("cpu"))
+    assert optim == "adamw_torch"
+    assert "training.optim=adamw_bnb_8bit needs CUDA and bitsandbytes; using adamw_torch instead" in capsys.readouterr().err
+
+
+def test_qlora_needs_cuda(tiny_model_dir, train_dir, tmp_path, capsys):
+    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, tmp_path / "q", "training.method=qlora")]) == 2
+    assert "training.method=qlora needs CUDA" in capsys.readouterr().err
+
+
+def test_validation_split_is_seeded_and_disjoint(train_dir):
+    from gsmtune.training.sft_data import train_validation_split
+
+    cfg = load_config(None, ["dataset.source=local", f"dataset.path={train_dir}", "dataset.validation_size=4",
+                             "dataset.train_samples=10"])
+    train, val = train_validation_split(cfg)
+    assert len(train) == 10 and len(val) == 4 and not {p.index for p in train} & {p.index for p in val}
+    again = train_validation_split(cfg)
+    assert [p.index for p in again[0]] == [p.index for p in train]
+    too_many = load_config(None, ["dataset.source=local", f"dataset.path={train_dir}", "dataset.train_samples=30"])
+    with pytest.raises(GsmtuneError, match="does not fit the 24 train problems"):
+        train_validation_split(too_many)
+
+
+def test_validation_and_early_stopping_run(tiny_model_dir, train_dir, tmp_path):
+    out = tmp_path / "v"
+    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "dataset.validation_size=4",
+                                                         "training.eval_steps=2",
+                                                         "training.early_stopping_patience=3")]) == 0
+    m = json.loads((out / "train_metrics.json").read_text())
+    assert m["validation_examples"] == 4 and [p["step"] for p in m["eval_loss_curve"]] == [2, 4]
+
+
+def test_adapter_folder_evaluates_and_merges(tiny_model_dir, train_dir, tmp_path):
+    out = tmp_path / "lora"
+    assert main(["run", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.merge=true")]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(PROBLEMS)
+    merged = tmp_path / "merged2"
+    assert main(["merge", str(out / "model"), "-o", str(merged)]) == 0
+    for model_dir in (out / "model", out / "merged", merged):  # the adapter, the flag-merged and the CLI-merged model
+        assert main(["eval", "configs/base.yaml", *overrides(model_dir, train_dir, tmp_path / f"e-{model_dir.name}")]) == 0
+    completions = [[json.loads(line)["completion"] for line in (tmp_path / f"e-{d}" / "predictions.jsonl").read_text().splitlines()]
+                   for d in ("model", "merged", "merged2")]
+    assert completions[0] == completions[1] == completions[2]
+
+
+def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
+    """Killed after a checkpoint, resumed: same final step and the same losses as an uninterrupted run."""
+    def cmd(out):
+        return [sys.executable, "-m", "gsmtune.cli", "train", "configs/base.yaml",
+                *overrides(tiny_model_dir, train_dir, out, "training.max_steps=6", "training.method=full")]
+
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train_metrics.json").exists()
+    subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True)
+    m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
+    assert m["global_step"] == r["global_step"] == 6 and m["resumed_from"]
+    resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}
+    for p in r["loss_curve"]:
+        if p["step"] in resumed_steps:
+            assert resumed_steps[p["step"]] == pytest.approx(p["loss"], rel=1e-4)
+    assert max(resumed_steps) == 6
+
+
+def test_two_process_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
+    """DDP over gloo on two CPU processes: trains, saves once, and each optimizer step sees both processes' batches."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
+           "--main_process_port", "29533", "-m", "gsmtune.cli", "train", "configs/base.yaml",
+           *overrides(tiny_model_dir, train_dir, out, "training.max_steps=3", "training.bf16=false")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "train_metrics.json").read_text())
+    assert m["global_step"] == 3 and m["examples_seen"] == 3 * 4 * 2
+    assert (out / "model" / "adapter_model.safetensors").exists()
