@@ -74,6 +74,37 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model: {merge_adapter(adapter, Path(args.output))}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from gsmtune.analysis import load_run
+    from gsmtune.report import comparison_markdown, write_comparison_csv
+
+    runs = [load_run(p, p) for p in args.runs]
+    text = comparison_markdown(runs)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.csv:
+        write_comparison_csv(runs, Path(args.csv))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from gsmtune.analysis import load_run
+    from gsmtune.report import analysis_markdown
+
+    baseline = load_run(args.baseline, args.baseline) if args.baseline else None
+    print(analysis_markdown(load_run(args.run, args.run), baseline, args.examples))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from gsmtune.analysis import find_runs
+    from gsmtune.report import build_report
+
+    out = Path(args.output)
+    markdown = Path(args.markdown) if args.markdown else out.with_suffix(".md")
+    build_report(find_runs(args.runs_dir), out, markdown)
+    print(f"report: {out} (markdown: {markdown})")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     """Base model, then a short LoRA run, evaluated on the same problems; reruns reuse finished work."""
     from gsmtune.config import load_config
@@ -116,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="the adapter folder (RUN/model)")
     p.add_argument("-o", "--output", required=True, help="folder for the merged model")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("compare", help="accuracy table with CIs and paired tests (McNemar, bootstrap) between runs")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--markdown", help="also write the tables to this markdown file")
+    p.add_argument("--csv", help="also write the accuracy table to this CSV file")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("analyze", help="error categories of a run, and fixed/broken problems against a baseline")
+    p.add_argument("run")
+    p.add_argument("--baseline", help="a run on the same problems (e.g. the base model)")
+    p.add_argument("--examples", type=int, default=3, help="examples shown per category")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="one self-contained HTML report (and markdown) for every run under a folder")
+    p.add_argument("runs_dir")
+    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("--markdown", help="markdown copy (default: OUTPUT with .md; plots in OUTPUT_files/)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("quickstart", help="offline demo: evaluate the bundled Gemma 3 270M, LoRA-tune it briefly, evaluate again")
     run_options(p)

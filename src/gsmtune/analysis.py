@@ -1,0 +1,246 @@
+"""Reading run folders, error categories by checkable rules, run-vs-run comparison, contamination (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+from gsmtune.arithmetic import safe_eval
+from gsmtune.errors import GsmtuneError
+from gsmtune.stats import mcnemar_exact, paired_bootstrap_ci, wilson_ci
+
+CATEGORIES = ("no_answer", "hallucinated_continuation", "truncated", "arithmetic", "reasoning")
+CATEGORY_RULES = {
+    "truncated": "generation hit max_new_tokens before a final answer",
+    "hallucinated_continuation": "the model went on past its answer: started a new 'Question:' or wrote more after '####'",
+    "no_answer": "no '#### <number>' final answer: format not followed",
+    "arithmetic": "a written calculation (`a op b = c` or `<<a op b=c>>`) whose result does not match its expression",
+    "reasoning": "well-formed, arithmetic right, answer wrong",
+}
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict
+    metrics: dict
+    predictions: dict[int, dict]
+    train_metrics: dict | None = None
+
+    @property
+    def method(self) -> str:
+        if self.train_metrics:
+            return f"{self.train_metrics['method']} SFT"
+        p = self.config.get("prompt", {})
+        return p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
+
+    @property
+    def dataset(self) -> str:
+        d = self.config.get("dataset", {})
+        return f"{d.get('config_name', '?')} ({d.get('source', '?')})"
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    path = Path(path)
+    if not (path / "metrics.json").exists() or not (path / "predictions.jsonl").exists():
+        raise GsmtuneError(f"{path} is not a finished evaluation run (no metrics.json / predictions.jsonl)")
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").exists() else {}
+    predictions = {}
+    for line in (path / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        predictions[row["index"]] = row
+    train = path / "train_metrics.json"
+    return Run(path=path, name=name or path.name, config=config, metrics=json.loads((path / "metrics.json").read_text()),
+               predictions=predictions, train_metrics=json.loads(train.read_text()) if train.exists() else None)
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every evaluation run under `root`, named by its path relative to it."""
+    root = Path(root)
+    found = sorted(p.parent for p in root.rglob("metrics.json") if (p.parent / "predictions.jsonl").exists())
+    if not found:
+        raise GsmtuneError(f"no runs (folders with metrics.json and predictions.jsonl) under {root}")
+    return [load_run(p, str(p.relative_to(root)) if p != root else p.name) for p in found]
+
+
+# --- error categories -------------------------------------------------------------------------------------------
+
+_NUM = r"\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_ANNOTATION = re.compile(r"<<([^<>=]+)=([^<>]*)>>")
+_INLINE = re.compile(rf"((?:[(\s]*-?{_NUM}[)\s]*[-+*/×x÷]\s*)+[(\s]*-?{_NUM}[)\s]*)=\s*(-?{_NUM})")
+
+
+@dataclass(frozen=True)
+class Calculation:
+    expression: str
+    written: str
+    value: float | None
+
+    @property
+    def correct(self) -> bool:
+        """Right up to the precision written: `10/3=3.33` is right, `3.5*60=200` is not."""
+        try:
+            written = float(self.written.replace("$", "").replace(",", ""))
+        except ValueError:
+            return True  # not a number: nothing to check
+        if self.value is None:
+            return True  # not plain arithmetic: nothing to check
+        decimals = len(self.written.split(".")[1]) if "." in self.written else 0
+        return abs(self.value - written) < 0.5 * 10**-decimals or abs(self.value - written) < 1e-9
+
+
+def calculations(text: str) -> list[Calculation]:
+    """GSM8K calculator annotations and inline `a op b = c` calculations, in order."""
+    pairs = _ANNOTATION.findall(text) + _INLINE.findall(_ANNOTATION.sub(" ", text))
+    found: dict[tuple[str, str], Calculation] = {}  # `48/2 = <<48/2=24>>24` is one calculation, not two
+    for expression, written in pairs:
+        calc = Calculation(expression.strip(), written.strip(), safe_eval(expression))
+        if calc.value is not None:
+            found.setdefault((re.sub(r"\s", "", calc.expression), calc.written), calc)
+    return list(found.values())
+
+
+def continues_past_answer(completion: str) -> bool:
+    """Text after the line holding the first '####' (only possible when the stop rules were off)."""
+    pos = completion.find("####")
+    return pos >= 0 and bool(completion[pos:].partition("\n")[2].strip())
+
+
+def categorize(row: dict) -> str | None:
+    """The error category of a prediction (None when it is correct); the first rule that applies wins."""
+    if row["correct"]:
+        return None
+    if row["stop_reason"] == "max_tokens":
+        return "truncated"
+    if row["stop_reason"] == "new_question" or continues_past_answer(row["completion"]):
+        return "hallucinated_continuation"
+    if row["extracted_strict"] is None:
+        return "no_answer"
+    if any(not c.correct for c in calculations(row["completion"])):
+        return "arithmetic"
+    return "reasoning"
+
+
+@dataclass
+class ErrorReport:
+    total: int
+    counts: dict[str, int]
+    examples: dict[str, list[dict]] = field(default_factory=dict)
+
+    def rate(self, category: str) -> float:
+        return self.counts[category] / self.total if self.total else 0.0
+
+
+def error_report(run: Run, examples: int = 3) -> ErrorReport:
+    counts = dict.fromkeys(CATEGORIES, 0)
+    shown: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
+    for index in sorted(run.predictions):
+        category = categorize(run.predictions[index])
+        if category:
+            counts[category] += 1
+            if len(shown[category]) < examples:
+                shown[category].append(run.predictions[index])
+    return ErrorReport(total=len(run.predictions), counts=counts, examples=shown)
+
+
+# --- comparison -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairedComparison:
+    a: str
+    b: str
+    n: int  # shared problems
+    acc_a: float
+    acc_b: float
+    only_a: int  # a right, b wrong ("broken" when b is the tuned run)
+    only_b: int  # b right, a wrong ("fixed")
+    both_right: int
+    both_wrong: int
+    p_value: float
+    diff_ci: tuple[float, float]
+    partial: bool  # the runs hold different problem sets: compared on their intersection
+
+    @property
+    def diff(self) -> float:
+        return self.acc_b - self.acc_a
+
+
+def compare_pair(a: Run, b: Run) -> PairedComparison:
+    shared = sorted(set(a.predictions) & set(b.predictions))
+    ra = [bool(a.predictions[i]["correct"]) for i in shared]
+    rb = [bool(b.predictions[i]["correct"]) for i in shared]
+    only_a = sum(x and not y for x, y in zip(ra, rb, strict=True))
+    only_b = sum(y and not x for x, y in zip(ra, rb, strict=True))
+    n = len(shared)
+    return PairedComparison(
+        a=a.name, b=b.name, n=n, acc_a=sum(ra) / n if n else 0.0, acc_b=sum(rb) / n if n else 0.0,
+        only_a=only_a, only_b=only_b, both_right=sum(x and y for x, y in zip(ra, rb, strict=True)),
+        both_wrong=sum(not x and not y for x, y in zip(ra, rb, strict=True)), p_value=mcnemar_exact(only_a, only_b),
+        diff_ci=paired_bootstrap_ci(ra, rb), partial=n < max(len(a.predictions), len(b.predictions)),
+    )
+
+
+def all_pairs(runs: list[Run]) -> list[PairedComparison]:
+    """Every pair of runs that shares at least one problem."""
+    return [c for a, b in combinations(runs, 2) if (c := compare_pair(a, b)).n > 0]
+
+
+def summary_rows(runs: list[Run]) -> list[dict]:
+    rows = []
+    for r in runs:
+        correct, total = r.metrics["correct"], r.metrics["total"]
+        lo, hi = wilson_ci(correct, total)
+        rows.append({"run": r.name, "dataset": r.dataset, "method": r.method, "em": correct / total if total else 0.0,
+                     "ci_low": lo, "ci_high": hi, "n": total, "flexible": r.metrics.get("accuracy_flexible")})
+    return rows
+
+
+def changed_problems(base: Run, tuned: Run) -> dict[str, list[int]]:
+    """Problem indices by outcome: fixed (base wrong, tuned right), broken, both right, both wrong."""
+    out: dict[str, list[int]] = {"fixed": [], "broken": [], "both_right": [], "both_wrong": []}
+    for i in sorted(set(base.predictions) & set(tuned.predictions)):
+        x, y = base.predictions[i]["correct"], tuned.predictions[i]["correct"]
+        out["both_right" if x and y else "both_wrong" if not x and not y else "fixed" if y else "broken"].append(i)
+    return out
+
+
+# --- contamination ----------------------------------------------------------------------------------------------
+
+
+def normalize_question(text: str) -> str:
+    """Lowercase, numbers -> '#', whitespace collapsed: catches copies with other numbers or spacing."""
+    return re.sub(r"\s+", " ", re.sub(r"\d[\d,.]*", "#", text.lower())).strip()
+
+
+def contamination(run: Run) -> tuple[list[int], list[int]] | None:
+    """Eval problems whose question also appears in the run's training data: (exact, near-duplicate) indices.
+
+    None when the run was not trained by gsmtune or its training data cannot be read here.
+    """
+    if not run.train_metrics or not run.config:
+        return None
+    from omegaconf import OmegaConf
+
+    from gsmtune.config import Config
+    from gsmtune.training.sft_data import train_validation_split
+
+    try:
+        train, _ = train_validation_split(OmegaConf.merge(OmegaConf.structured(Config), run.config))
+    except GsmtuneError:
+        return None
+    exact_set = {p.question.strip() for p in train}
+    near_set = {normalize_question(p.question) for p in train}
+    exact, near = [], []
+    for i, row in sorted(run.predictions.items()):
+        if row["question"].strip() in exact_set:
+            exact.append(i)
+        elif normalize_question(row["question"]) in near_set:
+            near.append(i)
+    return exact, near

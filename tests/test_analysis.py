@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from gsmtune.analysis import (
+    calculations,
+    categorize,
+    changed_problems,
+    compare_pair,
+    error_report,
+    load_run,
+    normalize_question,
+)
+from gsmtune.answers import answers_match, extract_strict
+from gsmtune.arithmetic import safe_eval
+
+
+def row(completion, gold="24", stop="answer_line", index=0, question="q"):
+    strict = extract_strict(completion)
+    return {"index": index, "question": question, "gold": gold, "completion": completion, "extracted_strict": strict,
+            "correct": answers_match(strict, gold), "stop_reason": stop}
+
+
+@pytest.mark.parametrize(
+    ("expr", "value"),
+    [("48/2", 24), ("(3+4)*2", 14), ("((1+2)*(3+4))/7", 3), ("-5+2", -3), ("1,200*2", 2400), ("3 x 4", 12),
+     ("10 ÷ 4", 2.5), ("$5*3", 15), ("2**10", None), ("__import__('os')", None), ("1/0", None), ("abc", None)],
+)
+def test_safe_eval(expr, value):
+    assert safe_eval(expr) == value
+
+
+@pytest.mark.parametrize(
+    ("completion", "stop", "expected"),
+    [
+        (" She sold 48/2 = <<48/2=24>>24 clips.\n#### 24", "answer_line", None),  # correct: no category
+        (" It costs $1,200.50 in total", "max_tokens", "truncated"),
+        (" 46/2 = 23\n#### 23\nQuestion: A new problem", "eos", "hallucinated_continuation"),  # stop rules off
+        (" She sold 24 clips.", "new_question", "hallucinated_continuation"),  # repeated a new question
+        (" She sold twenty clips.", "eos", "no_answer"),
+        (" Half of 48 is <<48/2=23>>23.\n#### 23", "answer_line", "arithmetic"),
+        (" 3.5*60=200 minutes\n#### 200", "answer_line", "arithmetic"),
+        (" 3.5*60=210 minutes\n#### 210", "answer_line", "reasoning"),  # 3.5*60 is 210: the arithmetic is right
+        (" It drops 5-8=-3 degrees... so 10/3 = 3.33\n#### 3.33", "answer_line", "reasoning"),
+        (" She has -5 + 2 = -4 apples\n#### -4", "answer_line", "arithmetic"),
+        (" 48 / 2 = 24 so she sold 24+48 = 72\n#### 72", "answer_line", "reasoning"),
+    ],
+)
+def test_categories(completion, stop, expected):
+    assert categorize(row(completion, stop=stop)) == expected
+
+
+def test_calculations_found_in_both_notations():
+    calcs = calculations("48/2 = <<48/2=24>>24 and 24 + 48 = 72, then (2+3)*4 = 21")
+    assert [(c.expression, c.written, c.correct) for c in calcs] == [
+        ("48/2", "24", True), ("24 + 48", "72", True), ("(2+3)*4", "21", False)]
+
+
+def write_run(path, rows, config="seed: 1\n"):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(config)
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    correct = sum(r["correct"] for r in rows)
+    (path / "metrics.json").write_text(json.dumps({"correct": correct, "total": len(rows), "accuracy": correct / len(rows)}))
+    return load_run(path)
+
+
+def test_compare_pair_and_changes(tmp_path):
+    base = write_run(tmp_path / "base", [row(" #### 24" if i < 2 else " no", index=i) for i in range(10)])
+    tuned = write_run(tmp_path / "tuned", [row(" #### 24" if i != 1 else " no", index=i) for i in range(12)])
+    c = compare_pair(base, tuned)
+    assert (c.n, c.only_a, c.only_b, c.both_right, c.both_wrong) == (10, 1, 8, 1, 0)
+    assert c.partial and c.diff == pytest.approx(0.7) and c.p_value == pytest.approx(0.0390625)
+    assert c.diff_ci[0] <= c.diff <= c.diff_ci[1]
+    changes = changed_problems(base, tuned)
+    assert changes["fixed"] == list(range(2, 10)) and changes["broken"] == [1] and changes["both_right"] == [0]
+    report = error_report(base)
+    assert report.counts["no_answer"] == 8 and report.rate("no_answer") == 0.8 and len(report.examples["no_answer"]) == 3
+
+
+def test_normalize_question_catches_near_duplicates():
+    assert normalize_question("Tom has  3 apples.\n") == normalize_question("tom has 12 apples.")

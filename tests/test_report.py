@@ -1,0 +1,82 @@
+import base64
+import json
+from html.parser import HTMLParser
+
+from test_analysis import row, write_run
+
+from gsmtune.cli import main
+
+
+class Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.headings, self._in_h = [], 0, [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        self.tables += tag == "table"
+        if tag in ("h1", "h2", "h3"):
+            self._in_h = True
+            self.headings.append("")
+
+    def handle_endtag(self, tag):
+        self._in_h = self._in_h and tag not in ("h1", "h2", "h3")
+
+    def handle_data(self, data):
+        if self._in_h:
+            self.headings[-1] += data
+
+
+def fixture_runs(root):
+    base = write_run(root / "base", [row(" #### 24" if i < 2 else " no", index=i, stop="eos") for i in range(10)],
+                     config="prompt:\n  strategy: one_shot\n")
+    tuned_dir = root / "lora"
+    data = root.parent / "data"  # its training data holds eval question 3 verbatim and question 4 with other numbers
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"question": "q3", "answer": "#### 1"}) + "\n"
+                                      + json.dumps({"question": "Tom has 5 apples", "answer": "#### 2"}) + "\n")
+    write_run(tuned_dir, [row(" 48/2=<<48/2=24>>24\n#### 24" if i != 1 else " 48/2=<<48/2=25>>25\n#### 25", index=i,
+                              question={3: "q3", 4: "Tom has 7 apples"}.get(i, f"question {i}?")) for i in range(10)],
+              config=f"baseline_run: {root / 'base'}\ndataset:\n  config_name: main\n  source: local\n  path: {data}\n")
+    (tuned_dir / "train_metrics.json").write_text(json.dumps(
+        {"method": "lora", "loss_curve": [{"step": s, "loss": 2.0 / s} for s in range(1, 6)]}))
+    return base
+
+
+def test_report_html_and_markdown(tmp_path, capsys):
+    fixture_runs(tmp_path / "runs")
+    out = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "runs"), "-o", str(out)]) == 0
+    page = Collect()
+    page.feed(out.read_text())
+    pngs = [i for i in page.images if i["src"].startswith("data:image/png;base64,")]
+    assert {i["alt"] for i in pngs} == {"accuracy", "training loss", "error categories"}
+    for img in pngs:
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.tables >= 4  # accuracy, pairs, an error table per run, fixed/broken
+    assert "base vs lora" in " ".join(page.headings).replace("`", "")
+    md = (tmp_path / "report.md").read_text()
+    assert "| lora | main (local) | lora SFT | 90.0 |" in md and "report_files/accuracy.png" in md
+    assert (tmp_path / "report_files" / "loss.png").exists()
+    assert "**fixed**: problem 2" in md and "arithmetic" in md
+    assert "Contamination warning**: 1 eval questions appear verbatim" in md and "and 1 more as near-duplicates" in md
+
+
+def test_compare_and_analyze_cli(tmp_path, capsys):
+    fixture_runs(tmp_path / "runs")
+    base, lora = str(tmp_path / "runs" / "base"), str(tmp_path / "runs" / "lora")
+    assert main(["compare", base, lora, "--csv", str(tmp_path / "t.csv"), "--markdown", str(tmp_path / "t.md")]) == 0
+    out = capsys.readouterr().out
+    assert "McNemar p" in out and "+70.0" in out and "0.0391" in out
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("run,dataset,method,em")
+    assert main(["analyze", lora, "--baseline", base]) == 0
+    out = capsys.readouterr().out
+    assert "| arithmetic | 1 | 10.0 |" in out and "| 8 | 1 | 1 | 0 |" in out
+
+
+def test_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "is not a finished evaluation run" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no runs" in capsys.readouterr().err
