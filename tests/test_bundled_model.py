@@ -32,10 +32,15 @@ def test_bundled_model_copies_an_in_context_answer(bundled, tmp_path):
 
 
 def test_quickstart_on_bundled_model(tmp_path, capsys):
+    """The README's main job, shrunk: base eval, a 2-step LoRA run, eval of the adapter, two rows printed."""
     out = tmp_path / "qs"
-    assert main(["quickstart", "num_eval_samples=4", "generation.max_new_tokens=48", f"output_dir={out}"]) == 0
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(r["num_tokens"] > 0 and r["completion"] for r in rows)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"] == "bundled:gemma-3-270m" and metrics["total"] == 4
-    assert "accuracy" in capsys.readouterr().out
+    assert main(["quickstart", "num_eval_samples=3", "generation.max_new_tokens=32", "dataset.train_samples=8",
+                 "training.per_device_train_batch_size=4", "training.max_seq_length=256", f"output_dir={out}"]) == 0
+    for run in ("base", "lora"):
+        rows = [json.loads(line) for line in (out / run / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(r["num_tokens"] > 0 for r in rows)
+        assert json.loads((out / run / "metrics.json").read_text())["model"] == "bundled:gemma-3-270m"
+    train = json.loads((out / "lora" / "train_metrics.json").read_text())
+    assert train["global_step"] == 2 and train["method"] == "lora" and train["final_loss"] > 0
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "tuned" in printed

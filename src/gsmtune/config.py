@@ -64,6 +64,8 @@ class GenerationConfig:
     top_k: int = 50
     stop_at_answer: bool = True  # stop after the line holding '#### <number>'
     stop_at_new_question: bool = True  # stop when the model starts a new 'Question:'
+    calculator: bool = False  # force computed results into '<<expression=' annotations
+    num_samples: int = 1  # > 1: self-consistency, k sampled completions per problem beside the greedy one
 
 
 @dataclass
@@ -197,8 +199,8 @@ def _validate(cfg: DictConfig) -> None:
         raise GsmtuneError(f"num_eval_samples={cfg.num_eval_samples} must be positive (or null for the whole split)")
     if "{question}" not in cfg.dataset.prompt_format:
         raise GsmtuneError("dataset.prompt_format must contain '{question}'")
-    if cfg.generation.max_new_tokens <= 0 or cfg.generation.batch_size <= 0:
-        raise GsmtuneError("generation.max_new_tokens and generation.batch_size must be positive")
+    if cfg.generation.max_new_tokens <= 0 or cfg.generation.batch_size <= 0 or cfg.generation.num_samples <= 0:
+        raise GsmtuneError("generation.max_new_tokens, generation.batch_size and generation.num_samples must be positive")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:

@@ -76,7 +76,38 @@ def score(problem: Problem, prompt: str, completion) -> dict:
         "correct_flexible": answers_match(flexible, gold),
         "num_tokens": completion.num_tokens,
         "stop_reason": completion.stop_reason,
+        "calculator_calls": completion.calculator_calls,
+        "calculator_changed": completion.calculator_changed,
     }
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most frequent extracted answer (numerically equal ones pooled); ties go to the one sampled first."""
+    counts: dict[float, int] = {}
+    first: dict[float, str] = {}
+    for a in answers:
+        if a is None:
+            continue
+        key = float(a)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, a)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(first[float(a)] for a in answers if a is not None and counts[float(a)] == best)
+
+
+def add_samples(row: dict, samples: list) -> dict:
+    """Self-consistency fields: every sample, the majority answer, maj@k and pass@k correctness."""
+    answers = [extract_strict(c.text) for c in samples]
+    majority = majority_vote(answers)
+    row["samples"] = [{"completion": c.text, "extracted_strict": a, "correct": answers_match(a, row["gold"]),
+                       "num_tokens": c.num_tokens, "stop_reason": c.stop_reason} for c, a in zip(samples, answers, strict=True)]
+    row["majority_answer"] = majority
+    row["correct_majority"] = answers_match(majority, row["gold"])
+    row["correct_pass_at_k"] = any(s["correct"] for s in row["samples"])
+    row["num_tokens"] += sum(c.num_tokens for c in samples)
+    return row
 
 
 def compute_metrics(rows: list[dict], cfg: DictConfig, wall_time: float) -> dict:
@@ -109,7 +140,22 @@ def compute_metrics(rows: list[dict], cfg: DictConfig, wall_time: float) -> dict
         "chat_template": cfg.prompt.chat_template,
         "seed": cfg.seed,
         "num_eval_samples": cfg.num_eval_samples,
-    }
+    } | _extra_metrics(rows, cfg)
+
+
+def _extra_metrics(rows: list[dict], cfg: DictConfig) -> dict:
+    """maj@k / pass@k beside greedy for self-consistency runs; calculator use for calculator runs."""
+    n, extra = len(rows), {}
+    if cfg.generation.num_samples > 1 and n:
+        k, maj = cfg.generation.num_samples, sum(r["correct_majority"] for r in rows)
+        extra |= {f"accuracy_maj_at_{k}": maj / n, f"ci95_maj_at_{k}": list(wilson_ci(maj, n)),
+                  f"accuracy_pass_at_{k}": sum(r["correct_pass_at_k"] for r in rows) / n,
+                  "accuracy_greedy": sum(r["correct"] for r in rows) / n}
+    if cfg.generation.calculator:
+        extra |= {"calculator_calls": sum(r["calculator_calls"] for r in rows),
+                  "calculator_changed": sum(r["calculator_changed"] for r in rows),
+                  "problems_with_calculator_calls": sum(r["calculator_calls"] > 0 for r in rows)}
+    return extra
 
 
 def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, model_path: str | None = None) -> dict:
@@ -138,21 +184,26 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
         pending.sort(key=lambda p: len(ids[p.index]))  # similar lengths per batch: less padding
         rules = StopRules(cfg.generation.stop_at_answer, cfg.generation.stop_at_new_question)
         bs = cfg.generation.batch_size
+        # with self-consistency the main completion is greedy and the k samples come on top
+        greedy_cfg = OmegaConf.merge(cfg.generation, {"do_sample": False}) if cfg.generation.num_samples > 1 else cfg.generation
         bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc="eval", unit="problem")
         tokens, seconds = 0, 0.0
         with pred_path.open("a", encoding="utf-8") as f:
             for b in range(0, len(pending), bs):
                 batch = pending[b: b + bs]
                 t0 = time.perf_counter()
-                completions = generate(lm.model, lm.tokenizer, [ids[p.index] for p in batch], cfg.generation,
-                                       rules, seed=cfg.seed + b)
+                batch_ids = [ids[p.index] for p in batch]
+                completions = generate(lm.model, lm.tokenizer, batch_ids, greedy_cfg, rules, seed=cfg.seed + b)
+                samples = sample_completions(lm, batch_ids, cfg, rules, seed=cfg.seed + b)
                 dt = time.perf_counter() - t0
-                for p, c in zip(batch, completions, strict=True):
+                for j, (p, c) in enumerate(zip(batch, completions, strict=True)):
                     row = score(p, prompts[p.index], c) | {"seconds": dt / len(batch)}
+                    if samples:
+                        row = add_samples(row, samples[j])
                     f.write(json.dumps(row) + "\n")
                     done[p.index] = row
                 f.flush()
-                tokens += sum(c.num_tokens for c in completions)
+                tokens += sum(done[p.index]["num_tokens"] for p in batch)
                 seconds += dt
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{tokens / seconds:.0f}", acc=f"{sum(r['correct'] for r in done.values()) / len(done):.3f}")
@@ -162,6 +213,22 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name}
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def sample_completions(lm, batch_ids: list[list[int]], cfg: DictConfig, rules, seed: int) -> list[list]:
+    """k sampled completions per prompt (self-consistency), generated in batches of `generation.batch_size` rows."""
+    from gsmtune.generation import generate
+
+    k = cfg.generation.num_samples
+    if k <= 1:
+        return []
+    sample_cfg = OmegaConf.merge(cfg.generation, {"do_sample": True})
+    rows = [ids for ids in batch_ids for _ in range(k)]
+    bs = cfg.generation.batch_size
+    flat = []
+    for start in range(0, len(rows), bs):
+        flat += generate(lm.model, lm.tokenizer, rows[start: start + bs], sample_cfg, rules, seed=seed * 1000 + start)
+    return [flat[i * k: (i + 1) * k] for i in range(len(batch_ids))]
 
 
 def format_metrics(m: dict) -> str:

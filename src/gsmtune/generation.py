@@ -32,6 +32,8 @@ class Completion:
     text: str
     num_tokens: int
     stop_reason: str  # eos | answer_line | new_question | max_tokens
+    calculator_calls: int = 0
+    calculator_changed: int = 0  # calls whose forced result differed from what the model would have written
 
 
 class _StopOnRules(StoppingCriteria):
@@ -87,6 +89,14 @@ def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules
     if gen_cfg.do_sample:
         torch.manual_seed(seed)
         sampling = {"temperature": gen_cfg.temperature, "top_p": gen_cfg.top_p, "top_k": gen_cfg.top_k}
+    calculator = None
+    if gen_cfg.calculator:
+        from transformers import LogitsProcessorList
+
+        from gsmtune.calculator import CalculatorProcessor
+
+        calculator = CalculatorProcessor(tokenizer, input_ids.shape[1], len(batch))
+        sampling["logits_processor"] = LogitsProcessorList([calculator])
     out = model.generate(
         input_ids=input_ids,
         attention_mask=mask,
@@ -98,7 +108,11 @@ def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules
         **sampling,
     )
     new = out[:, input_ids.shape[1]:].tolist()
-    return [_finish(tokenizer, row, set(eos_ids), pad_id, rules) for row in new]
+    completions = [_finish(tokenizer, row, set(eos_ids), pad_id, rules) for row in new]
+    if calculator is not None:
+        for c, calls, changed in zip(completions, calculator.calls, calculator.changed, strict=True):
+            c.calculator_calls, c.calculator_changed = calls, changed
+    return completions
 
 
 def _finish(tokenizer, tokens: list[int], eos_ids: set[int], pad_id: int, rules: StopRules) -> Completion:

@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from gsmtune.cli import main
+from gsmtune.evaluate import majority_vote
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        (["18", "18", "20"], "18"),
+        (["20", "18", "18", "20"], "20"),  # tie: the answer sampled first wins
+        (["18", "18.0", "20"], "18"),  # numerically equal answers are pooled
+        ([None, None, "5"], "5"),
+        ([None, None], None),
+        ([], None),
+        (["-3", "3", "-3"], "-3"),
+    ],
+)
+def test_majority_vote(answers, expected):
+    assert majority_vote(answers) == expected
+
+
+def test_self_consistency_run(tiny_model_dir, gsm_dir, tmp_path):
+    out = tmp_path / "sc"
+    assert main(["eval", "configs/base.yaml", f"model.name={tiny_model_dir}", "dataset.source=local",
+                 f"dataset.path={gsm_dir}", "generation.max_new_tokens=6", "generation.batch_size=4",
+                 "generation.num_samples=3", "generation.temperature=1.0", "model.dtype=fp32", f"output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["samples"]) == 3 and "majority_answer" in r and "correct_pass_at_k" in r for r in rows)
+    assert any(len({s["completion"] for s in r["samples"]}) > 1 for r in rows)  # sampled, not greedy copies
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"accuracy_maj_at_3", "accuracy_pass_at_3", "accuracy_greedy", "ci95_maj_at_3"} <= set(m)
+    assert m["accuracy_pass_at_3"] >= m["accuracy_maj_at_3"]
