@@ -40,6 +40,17 @@ def gsm_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def train_dir(tmp_path: Path) -> Path:
+    """24 train problems (the six above, four times) and the six as test."""
+    rows = [{"question": q, "answer": a} for q, a in PROBLEMS]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows * 4)
+    write_jsonl(data / "test.jsonl", rows)
+    return data
+
+
 def _train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -9,21 +9,11 @@ import time
 
 import pytest
 import torch
-from conftest import PROBLEMS, write_jsonl
+from conftest import PROBLEMS
 
 from gsmtune.cli import main
 from gsmtune.config import load_config
 from gsmtune.errors import GsmtuneError
-
-
-@pytest.fixture
-def train_dir(tmp_path):
-    rows = [{"question": q, "answer": a} for q, a in PROBLEMS]
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", rows * 4)
-    write_jsonl(data / "test.jsonl", rows)
-    return data
 
 
 def overrides(model_dir, data, out, *more):
@@ -34,8 +24,8 @@ def overrides(model_dir, data, out, *more):
 
 
 def make_trainer(cfg, tmp_path):
+    from gsmtune.data import train_validation_split
     from gsmtune.training.sft import build_trainer, choose_runtime
-    from gsmtune.training.sft_data import train_validation_split
 
     train, val = train_validation_split(cfg)
     optim, bf16 = choose_runtime(cfg.training, torch.device("cpu"))
@@ -94,7 +84,7 @@ def test_qlora_needs_cuda(tiny_model_dir, train_dir, tmp_path, capsys):
 
 
 def test_validation_split_is_seeded_and_disjoint(train_dir):
-    from gsmtune.training.sft_data import train_validation_split
+    from gsmtune.data import train_validation_split
 
     cfg = load_config(None, ["dataset.source=local", f"dataset.path={train_dir}", "dataset.validation_size=4",
                              "dataset.train_samples=10"])

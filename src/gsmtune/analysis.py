@@ -34,7 +34,8 @@ class Run:
     @property
     def method(self) -> str:
         if self.train_metrics:
-            return f"{self.train_metrics['method']} SFT"
+            method = self.train_metrics["method"]
+            return "GRPO" if method == "grpo" else f"{method} SFT"
         p = self.config.get("prompt", {})
         return p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
 
@@ -229,7 +230,7 @@ def contamination(run: Run) -> tuple[list[int], list[int]] | None:
     from omegaconf import OmegaConf
 
     from gsmtune.config import Config
-    from gsmtune.training.sft_data import train_validation_split
+    from gsmtune.data import train_validation_split
 
     try:
         train, _ = train_validation_split(OmegaConf.merge(OmegaConf.structured(Config), run.config))

@@ -74,6 +74,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model: {merge_adapter(adapter, Path(args.output))}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from gsmtune.training.sweep import run_sweep
+
+    summary = run_sweep(_config_path(args.config), args.overrides, args.trials, args.storage)
+    print(f"best validation accuracy {summary['best_value']:.1%} with {summary['best_params']}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from gsmtune.analysis import load_run
     from gsmtune.report import comparison_markdown, write_comparison_csv
@@ -147,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="the adapter folder (RUN/model)")
     p.add_argument("-o", "--output", required=True, help="folder for the merged model")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("sweep", help="Optuna hyper-parameter search on the validation split; resumable")
+    p.add_argument("config", help="a config with sweep.space and dataset.validation_size > 0")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--trials", type=int, required=True, help="finished trials to reach")
+    p.add_argument("--storage", help="Optuna storage URL shared by several machines (default: OUTPUT/sweep.db)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="accuracy table with CIs and paired tests (McNemar, bootstrap) between runs")
     p.add_argument("runs", nargs="+", help="run folders")

@@ -79,10 +79,21 @@ class LoraConfig:
 
 
 @dataclass
+class GRPOSettings:
+    num_generations: int = 4  # completions per prompt; per_device_train_batch_size must be a multiple
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    beta: float = 0.0  # KL penalty to the starting model
+    correct_weight: float = 1.0  # reward for the right final number
+    format_weight: float = 0.2  # reward for a '#### <number>' line
+    use_lora: bool = True  # train a new LoRA adapter (an adapter given as model.name keeps training either way)
+
+
+@dataclass
 class TrainingConfig:
     """Hugging Face `TrainingArguments` names; defaults are the reference study's."""
 
-    method: str = "lora"  # full | lora | qlora
+    method: str = "lora"  # full | lora | qlora | grpo
     learning_rate: float = 1e-5
     lr_scheduler_type: str = "cosine_with_min_lr"
     min_lr: float = 1e-6
@@ -104,6 +115,15 @@ class TrainingConfig:
     report_to: str = "none"  # none | tensorboard | wandb | mlflow
     merge: bool = False  # LoRA: also write a merged full model to RUN/merged
     lora: LoraConfig = field(default_factory=LoraConfig)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+
+@dataclass
+class SweepConfig:
+    """`gsmtune sweep`: entries like {key: training.learning_rate, type: float, low: 1.0e-5, high: 1.0e-3, log: true}."""
+
+    space: list[Any] = field(default_factory=list)
+    study_name: str = "gsmtune"
 
 
 @dataclass
@@ -113,6 +133,7 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     baseline_run: str | None = None  # `gsmtune run` prints this run's metrics beside the tuned model's
     num_eval_samples: int | None = None  # None = the whole eval split
     seed: int = 42
@@ -123,11 +144,12 @@ CHOICES = {
     "dataset.config_name": ("main", "socratic"),
     "dataset.source": ("hub", "local", "symbolic"),
     "prompt.strategy": ("zero_shot", "one_shot", "few_shot"),
-    "training.method": ("full", "lora", "qlora"),
+    "training.method": ("full", "lora", "qlora", "grpo"),
     "training.report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 # Keys that change speed, not results: a resumed run may differ in these.
-RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps")
+RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
+                "sweep.space", "sweep.study_name")
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -195,6 +217,8 @@ def _validate(cfg: DictConfig) -> None:
             raise GsmtuneError(f"{key}={value} is not one of {', '.join(allowed)}")
     if cfg.dataset.source == "local" and not cfg.dataset.path:
         raise GsmtuneError("dataset.source=local needs dataset.path=FOLDER (holding test.jsonl, train.jsonl, ...)")
+    if cfg.dataset.eval_split not in ("train", "test", "validation"):
+        raise GsmtuneError(f"dataset.eval_split={cfg.dataset.eval_split} is not one of train, test, validation")
     if cfg.num_eval_samples is not None and cfg.num_eval_samples <= 0:
         raise GsmtuneError(f"num_eval_samples={cfg.num_eval_samples} must be positive (or null for the whole split)")
     if "{question}" not in cfg.dataset.prompt_format:

@@ -117,6 +117,34 @@ def symbolic_rows(split: str, train_size: int, test_size: int, test_fraction: fl
     return rows
 
 
+def train_validation_split(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
+    """A seeded shuffle of train: the first `validation_size` for validation, the next `train_samples` for training."""
+    problems = load_split(cfg.dataset, "train")
+    order = list(range(len(problems)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = cfg.dataset.validation_size
+    n_train = cfg.dataset.train_samples if cfg.dataset.train_samples is not None else len(problems) - n_val
+    if n_val < 0 or n_train <= 0 or n_val + n_train > len(problems):
+        raise GsmtuneError(
+            f"dataset.train_samples={cfg.dataset.train_samples} + dataset.validation_size={n_val} does not fit the "
+            f"{len(problems)} train problems; lower them"
+        )
+    val = [problems[i] for i in order[:n_val]]
+    train = [problems[i] for i in order[n_val: n_val + n_train]]
+    return train, val
+
+
+def load_eval_problems(cfg: DictConfig) -> list[Problem]:
+    """The problems a run is scored on: a seeded subset of the eval split, or the validation split carved from train."""
+    if cfg.dataset.eval_split == "validation":
+        if cfg.dataset.validation_size <= 0:
+            raise GsmtuneError("dataset.eval_split=validation needs dataset.validation_size > 0")
+        problems = train_validation_split(cfg)[1]
+    else:
+        problems = load_split(cfg.dataset, cfg.dataset.eval_split)
+    return eval_subset(problems, cfg.num_eval_samples, cfg.seed)
+
+
 def eval_subset(problems: list[Problem], n: int | None, seed: int) -> list[Problem]:
     """`n` problems drawn with `seed` (the same set on every run with that seed), in split order."""
     if n is None:

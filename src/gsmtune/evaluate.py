@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from gsmtune.answers import answers_match, extract_flexible, extract_strict, gold_answer
 from gsmtune.config import config_differences, to_yaml
-from gsmtune.data import Problem, eval_subset, load_split
+from gsmtune.data import Problem, load_eval_problems, load_split
 from gsmtune.errors import GsmtuneError
 from gsmtune.stats import wilson_ci
 
@@ -168,7 +168,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
 
     start = time.time()
-    problems = eval_subset(load_split(cfg.dataset, cfg.dataset.eval_split), cfg.num_eval_samples, cfg.seed)
+    problems = load_eval_problems(cfg)
     train = load_split(cfg.dataset, "train") if cfg.prompt.strategy == "few_shot" else None
     shots = shots_for(cfg.prompt, train)
     out = prepare_run_dir(cfg, resume, overwrite)

@@ -166,7 +166,7 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
 
 def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, save the model (adapter for LoRA) as safetensors in RUN/model, and write RUN/train_metrics.json."""
-    from gsmtune.training.sft_data import train_validation_split
+    from gsmtune.data import train_validation_split
 
     start = time.time()
     train_problems, val_problems = train_validation_split(cfg)
@@ -181,7 +181,11 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         say(f"{out} already holds a trained model; nothing to resume")
         return out / MODEL
     checkpoint = latest_checkpoint(out) if resume else None
-    trainer, path = build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
+    if cfg.training.method == "grpo":
+        from gsmtune.training.grpo import build_grpo_trainer as build
+    else:
+        build = build_trainer
+    trainer, path = build(cfg, out, train_problems, val_problems, device, optim, bf16)
     args, tokenizer = trainer.args, trainer.processing_class
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     say(f"training {cfg.training.method} on {len(trainer.train_dataset)} problems; optimizer {optim}, "
@@ -215,6 +219,8 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "train_loss_mean": result.training_loss,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "reward_curve": [{"step": h["step"]} | {k: v for k, v in h.items() if k.startswith("reward")}
+                         for h in history if "reward" in h],
         "train_runtime_seconds": result.metrics.get("train_runtime"),
         "samples_per_second": result.metrics.get("train_samples_per_second"),
         "tokens_seen": trainer.state.num_input_tokens_seen,

@@ -6,30 +6,11 @@ prompt/answer boundary cannot shift when tokens merge across it.
 
 from __future__ import annotations
 
-import random
-
 from omegaconf import DictConfig
 
-from gsmtune.data import Problem, load_split
+from gsmtune.data import Problem
 from gsmtune.errors import GsmtuneError
 from gsmtune.prompts import build_prompt, chat_messages, fit_system_role, tokenize_prompt
-
-
-def train_validation_split(cfg: DictConfig) -> tuple[list[Problem], list[Problem]]:
-    """A seeded shuffle of train: the first `validation_size` for validation, the next `train_samples` for training."""
-    problems = load_split(cfg.dataset, "train")
-    order = list(range(len(problems)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = cfg.dataset.validation_size
-    n_train = cfg.dataset.train_samples if cfg.dataset.train_samples is not None else len(problems) - n_val
-    if n_val < 0 or n_train <= 0 or n_val + n_train > len(problems):
-        raise GsmtuneError(
-            f"dataset.train_samples={cfg.dataset.train_samples} + dataset.validation_size={n_val} does not fit the "
-            f"{len(problems)} train problems; lower them"
-        )
-    val = [problems[i] for i in order[:n_val]]
-    train = [problems[i] for i in order[n_val: n_val + n_train]]
-    return train, val
 
 
 def completion_text(problem: Problem, cfg: DictConfig, tokenizer, prompt: str) -> str:

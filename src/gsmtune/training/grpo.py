@@ -1,0 +1,79 @@
+"""GRPO recipe on TRL's GRPOTrainer: rewards for the right number and the `#### <n>` format, from a base or SFT model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from gsmtune.answers import gold_answer
+from gsmtune.errors import GsmtuneError
+from gsmtune.models import load_tokenizer, resolve_model_path
+from gsmtune.prompts import build_prompt
+from gsmtune.training.rewards import correctness_reward, format_reward
+from gsmtune.training.sft import CHECKPOINTS, is_gemma, peft_config
+
+
+def grpo_rows(problems: list, cfg: DictConfig, tokenizer) -> list[dict]:
+    """Prompts as evaluation shows them (TRL adds BOS when it tokenizes), and the gold number for the reward."""
+    return [{"prompt": build_prompt(p.question, cfg, [], tokenizer).removeprefix(tokenizer.bos_token or ""),
+             "gold": gold_answer(p.answer)} for p in problems]
+
+
+def load_policy(cfg: DictConfig, bf16: bool):
+    """A base/full model folder, or a LoRA adapter folder whose adapter keeps training (`is_trainable`)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model.name)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, dtype=dtype)
+        base = model.peft_config["default"].base_model_name_or_path
+        tok_src = path if (Path(path) / "tokenizer_config.json").exists() else resolve_model_path(base)
+        return model, load_tokenizer(tok_src), path, False
+    attn = cfg.model.attn_implementation or ("eager" if is_gemma(path) else None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    return model, load_tokenizer(path, cfg.model.trust_remote_code), path, cfg.training.grpo.use_lora
+
+
+def build_grpo_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems: list, device: torch.device,
+                       optim: str, bf16: bool):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    t, g = cfg.training, cfg.training.grpo
+    model, tokenizer, path, new_lora = load_policy(cfg, bf16)
+    use_vllm = device.type == "cuda" and _has_vllm()
+    try:
+        args = GRPOConfig(
+            output_dir=str(out / CHECKPOINTS), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+            lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
+            num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, optim=optim, bf16=bf16,
+            use_cpu=device.type == "cpu", activation_checkpointing=t.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False}, logging_steps=t.logging_steps,
+            save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+            report_to=[] if t.report_to == "none" else [t.report_to], seed=cfg.seed, data_seed=cfg.seed,
+            num_generations=g.num_generations, max_completion_length=g.max_completion_length, beta=g.beta,
+            temperature=g.temperature, reward_weights=[g.correct_weight, g.format_weight], use_vllm=use_vllm,
+            include_num_input_tokens_seen="non_padding",
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
+                              train_dataset=Dataset.from_list(grpo_rows(train_problems, cfg, tokenizer)),
+                              processing_class=tokenizer, peft_config=peft_config(cfg) if new_lora else None)
+    except ValueError as e:  # e.g. a batch size that num_generations does not divide
+        raise GsmtuneError(f"GRPO settings rejected: {str(e).splitlines()[0]}") from e
+    return trainer, path
+
+
+def _has_vllm() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,91 @@
+"""Hyper-parameter search with Optuna: each trial trains and scores on the validation split carved from train.
+
+Trials are stored in SQLite inside the sweep folder, so an interrupted sweep resumes: finished trials are kept and
+a trial cut off mid-way is rerun with the same parameters (its training resumes from its own checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gsmtune.config import load_config, to_yaml
+from gsmtune.errors import GsmtuneError
+
+KINDS = ("float", "int", "categorical")
+
+
+def suggest(trial, space: list) -> dict:
+    """Optuna suggestions for the config's `sweep.space` entries ({key, type, low, high, log} or {key, choices})."""
+    params = {}
+    for entry in space:
+        key, kind = entry.get("key"), entry.get("type", "categorical" if "choices" in entry else None)
+        if not key or kind not in KINDS:
+            raise GsmtuneError(f"sweep.space entry {dict(entry)} needs 'key' and a 'type' of {', '.join(KINDS)}")
+        if kind == "float":
+            params[key] = trial.suggest_float(key, entry["low"], entry["high"], log=entry.get("log", False))
+        elif kind == "int":
+            params[key] = trial.suggest_int(key, entry["low"], entry["high"], log=entry.get("log", False))
+        else:
+            params[key] = trial.suggest_categorical(key, list(entry["choices"]))
+    return params
+
+
+def trial_dir(root: Path, params: dict) -> Path:
+    """Named by its parameters, so a rerun of an interrupted trial finds its own checkpoints."""
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"trial-{digest}"
+
+
+def as_overrides(params: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in params.items()]
+
+
+def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storage: str | None = None) -> dict:
+    """Run trials until `trials` have finished; write best.yaml (the config with the best parameters) and return them."""
+    import optuna
+
+    from gsmtune.evaluate import run_eval
+    from gsmtune.training.sft import run_train
+
+    cfg = load_config(config_path, overrides)
+    if cfg.dataset.validation_size <= 0:
+        raise GsmtuneError("a sweep scores trials on validation data: set dataset.validation_size > 0 (never test)")
+    if not cfg.sweep.space:
+        raise GsmtuneError("sweep.space is empty: list the keys to search (see configs/sweep_example.yaml)")
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep_config.yaml").write_text(to_yaml(cfg))
+    study = optuna.create_study(study_name=cfg.sweep.study_name, storage=storage or f"sqlite:///{root / 'sweep.db'}",
+                                direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # cut off last time: run its parameters again
+        study.enqueue_trial(stale.params)
+
+    def objective(trial) -> float:
+        params = suggest(trial, cfg.sweep.space)
+        out = trial_dir(root, params)
+        trial.set_user_attr("run_dir", str(out))
+        tcfg = load_config(config_path, [*overrides, *as_overrides(params), f"output_dir={out}",
+                                         "dataset.eval_split=validation", "num_eval_samples=null"])
+        model = run_train(tcfg, resume=True)
+        return run_eval(tcfg, resume=True, model_path=str(model))["accuracy"]
+
+    def finished() -> int:
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+    while finished() < trials:
+        study.optimize(objective, n_trials=1)
+    best = study.best_trial
+    best_cfg: DictConfig = load_config(config_path, [*overrides, *as_overrides(best.params),
+                                                     f"output_dir={root / 'best_run'}"])
+    (root / "best.yaml").write_text(to_yaml(best_cfg))
+    summary = {"best_value": best.value, "best_params": best.params, "best_trial_dir": best.user_attrs.get("run_dir"),
+               "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
+                          for t in study.get_trials(deepcopy=False)]}
+    (root / "sweep_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

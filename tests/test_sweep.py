@@ -1,0 +1,64 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from test_training import overrides
+
+from gsmtune.cli import main
+
+SPACE = ('sweep.space=[{key: training.learning_rate, type: float, low: 1.0e-4, high: 1.0e-2, log: true},'
+         ' {key: training.lora.r, choices: [2, 4]}]')
+
+
+def sweep_cmd(model, data, out, trials):
+    return ["sweep", "configs/base.yaml", *overrides(model, data, out, "training.max_steps=2", "dataset.validation_size=4",
+                                                      "dataset.train_samples=8", "generation.max_new_tokens=4"),
+            SPACE, "--trials", str(trials)]
+
+
+def completed(out):
+    study = optuna.load_study(study_name="gsmtune", storage=f"sqlite:///{out / 'sweep.db'}")
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def test_sweep_resumes_after_interruption(tiny_model_dir, train_dir, tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "gsmtune.cli", *sweep_cmd(tiny_model_dir, train_dir, out, 3)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "sweep.db").exists() or not completed(out):
+        assert time.time() < deadline and proc.poll() is None, "no finished trial before the sweep ended"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = completed(out)
+    assert 1 <= len(first) < 3
+    assert main(sweep_cmd(tiny_model_dir, train_dir, out, 3)) == 0
+    done = completed(out)
+    assert len(done) == 3 and {t.number for t in first} <= {t.number for t in done}  # finished trials kept
+    results = json.loads((out / "sweep_results.json").read_text())
+    assert results["best_value"] == max(t.value for t in done)
+    best = (out / "best.yaml").read_text()
+    assert f"learning_rate: {results['best_params']['training.learning_rate']}" in best
+    for t in done:  # every trial was scored on validation data carved from train, never test
+        metrics = json.loads((out / t.user_attrs["run_dir"].split("/")[-1] / "metrics.json").read_text())
+        assert metrics["dataset"].endswith("/validation") and metrics["total"] == 4
+
+
+def test_sweep_refuses_without_validation(tiny_model_dir, train_dir, tmp_path, capsys):
+    cmd = ["sweep", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, tmp_path / "s"), SPACE, "--trials", "1"]
+    assert main(cmd) == 2
+    assert "dataset.validation_size > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["[{key: training.learning_rate, type: uniform, low: 1, high: 2}]", "[{type: float}]"])
+def test_bad_space_entry(tiny_model_dir, train_dir, tmp_path, capsys, entry):
+    cmd = ["sweep", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, tmp_path / "s", "dataset.validation_size=4"),
+           f"sweep.space={entry}", "--trials", "1"]
+    assert main(cmd) == 2
+    assert "needs 'key' and a 'type'" in capsys.readouterr().err
