@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,17 @@ def test_two_process_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["global_step"] == 3 and m["examples_seen"] == 3 * 4 * 2
     assert (out / "model" / "adapter_model.safetensors").exists()
+
+
+def test_adapter_names_its_base_portably(tiny_model_dir, train_dir, tmp_path, monkeypatch):
+    """The adapter records the base as configured: a relative folder becomes absolute, and it loads from elsewhere."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    out = tmp_path / "lora"
+    assert main(["train", str(Path(__file__).parents[1] / "configs/base.yaml"),
+                 *overrides(tiny_model_dir.name, train_dir, out, "training.max_steps=1")]) == 0
+    config = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    from gsmtune.models import load_model
+
+    assert load_model(str(out / "model"), dtype="fp32").model.peft_config["default"].r == 16

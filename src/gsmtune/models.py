@@ -97,6 +97,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path).expanduser() / "adapter_config.json").exists()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter was trained on, as the config named it (a Hub id, folder or bundled:NAME)."""
+    import json
+
+    return json.loads((Path(path).expanduser() / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_adapter(path: str | Path, is_trainable: bool = False, **kwargs: Any):
+    """A LoRA adapter on its base; `bundled:` bases resolve here, so adapters stay portable across machines.
+
+    Returns the PEFT model and the folder to read the tokenizer from.
+    """
+    from peft import PeftModel
+
+    path = str(Path(path).expanduser())
+    base_path = resolve_model_path(adapter_base(path))
+    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    model = PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+    return model, (path if (Path(path) / "tokenizer_config.json").exists() else base_path)
+
+
 def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = None) -> LoadedModel:
     """Load for inference: a LoRA adapter folder is loaded on top of the base its config names."""
@@ -108,14 +133,9 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remot
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    adapter = Path(path).expanduser() / "adapter_config.json"
     try:
-        if adapter.exists():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
-            base = model.peft_config["default"].base_model_name_or_path
-            tok_src = path if (Path(path) / "tokenizer_config.json").exists() else resolve_model_path(base)
+        if is_adapter(path):
+            model, tok_src = load_adapter(path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             tok_src = path

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from gsmtune.answers import gold_answer
 from gsmtune.errors import GsmtuneError
-from gsmtune.models import load_tokenizer, resolve_model_path
+from gsmtune.models import is_adapter, load_adapter, load_tokenizer, resolve_model_path
 from gsmtune.prompts import build_prompt
 from gsmtune.training.rewards import correctness_reward, format_reward
 from gsmtune.training.sft import CHECKPOINTS, is_gemma, peft_config
@@ -27,12 +27,8 @@ def load_policy(cfg: DictConfig, bf16: bool):
 
     path = resolve_model_path(cfg.model.name)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, dtype=dtype)
-        base = model.peft_config["default"].base_model_name_or_path
-        tok_src = path if (Path(path) / "tokenizer_config.json").exists() else resolve_model_path(base)
+    if is_adapter(path):
+        model, tok_src = load_adapter(path, is_trainable=True, dtype=dtype)
         return model, load_tokenizer(tok_src), path, False
     attn = cfg.model.attn_implementation or ("eager" if is_gemma(path) else None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,

@@ -15,7 +15,15 @@ from omegaconf import DictConfig
 
 from gsmtune.errors import GsmtuneError
 from gsmtune.evaluate import prepare_run_dir
-from gsmtune.models import bf16_supported, load_tokenizer, pick_device, resolve_model_path
+from gsmtune.models import (
+    adapter_base,
+    bf16_supported,
+    is_adapter,
+    load_adapter,
+    load_tokenizer,
+    pick_device,
+    resolve_model_path,
+)
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -197,6 +205,8 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     if not trainer.is_world_process_zero():
         return final
     tokenizer.save_pretrained(final)
+    if is_adapter(final):
+        name_base(final, cfg.model.name)
     if cfg.training.merge and cfg.training.method != "full":
         merge_adapter(final, out / MERGED)
     history = trainer.state.log_history
@@ -235,14 +245,21 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     return final
 
 
+def name_base(adapter: Path, model_name: str) -> None:
+    """Record the base as the config named it (`bundled:...`, a Hub id, an absolute folder), not a cache path."""
+    path = resolve_model_path(model_name)
+    if is_adapter(path):  # trained on top of another adapter: same base
+        base = adapter_base(path)
+    else:
+        base = model_name if model_name.startswith("bundled:") or not Path(model_name).exists() else str(Path(model_name).resolve())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def merge_adapter(adapter_dir: Path, target: Path) -> Path:
     """Fold a LoRA adapter into its base model and save a plain safetensors model folder."""
-    from peft import AutoPeftModelForCausalLM
-
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
-    base = model.peft_config["default"].base_model_name_or_path
-    merged = model.merge_and_unload()
-    merged.save_pretrained(target)
-    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else resolve_model_path(base)
-    load_tokenizer(str(tok_src)).save_pretrained(target)
+    model, tok_src = load_adapter(adapter_dir, dtype=torch.float32)
+    model.merge_and_unload().save_pretrained(target)
+    load_tokenizer(tok_src).save_pretrained(target)
     return target
