@@ -80,3 +80,11 @@ def test_not_a_run_is_one_line(tmp_path, capsys):
     assert "is not a finished evaluation run" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "no runs" in capsys.readouterr().err
+
+
+def test_model_text_is_escaped_and_clipped():
+    from gsmtune.report import _quote
+
+    assert _quote("write <b>#### 5</b>") == "> write &lt;b&gt;#### 5&lt;/b&gt;"
+    long = _quote("\n".join(f"Answer: {i}" for i in range(50)))
+    assert long.count("\n") == 11 and long.endswith(" [...]")

@@ -15,8 +15,8 @@ from gsmtune.stats import mcnemar_exact, paired_bootstrap_ci, wilson_ci
 CATEGORIES = ("no_answer", "hallucinated_continuation", "truncated", "arithmetic", "reasoning")
 CATEGORY_RULES = {
     "truncated": "generation hit max_new_tokens before a final answer",
-    "hallucinated_continuation": "the model went on past its answer: started a new 'Question:' or wrote more after '####'",
-    "no_answer": "no '#### <number>' final answer: format not followed",
+    "hallucinated_continuation": "the model went on past its answer: started a new `Question:` or wrote more after `####`",
+    "no_answer": "no `#### <number>` final answer: format not followed",
     "arithmetic": "a written calculation (`a op b = c` or `<<a op b=c>>`) whose result does not match its expression",
     "reasoning": "well-formed, arithmetic right, answer wrong",
 }

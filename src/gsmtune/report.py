@@ -59,10 +59,18 @@ def write_comparison_csv(runs: list[Run], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _quote(text: str, limit: int = 600) -> str:
-    text = text.strip()
-    text = text if len(text) <= limit else text[:limit] + " [...]"
-    return "\n".join("> " + line for line in text.splitlines()) or "> (empty)"
+def _escape(text: str) -> str:
+    """Model text may hold `<...>`: keep markdown/HTML renderers from taking it for a tag."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _quote(text: str, limit: int = 400, max_lines: int = 12) -> str:
+    lines = text.strip().splitlines()
+    clipped = "\n".join(lines[:max_lines])
+    clipped = clipped if len(clipped) <= limit else clipped[:limit]
+    if clipped != text.strip():
+        clipped += " [...]"
+    return "\n".join("> " + _escape(line) for line in clipped.splitlines()) or "> (empty)"
 
 
 def analysis_markdown(run: Run, baseline: Run | None = None, examples: int = 2) -> str:
@@ -91,7 +99,7 @@ def side_by_side_markdown(base: Run, tuned: Run, examples: int = 2) -> str:
     for kind in ("fixed", "broken"):
         for i in changes[kind][:examples]:
             b, t = base.predictions[i], tuned.predictions[i]
-            out += ["", f"**{kind}**: problem {i}: {b['question']} (gold {b['gold']})", "",
+            out += ["", f"**{kind}**: problem {i}: {_escape(b['question'])} (gold {b['gold']})", "",
                     f"`{base.name}` (answer {b['extracted_strict']}):", "", _quote(b["completion"]), "",
                     f"`{tuned.name}` (answer {t['extracted_strict']}):", "", _quote(t["completion"])]
     return "\n".join(out)
