@@ -176,3 +176,21 @@ def test_adapter_names_its_base_portably(tiny_model_dir, train_dir, tmp_path, mo
     from gsmtune.models import load_model
 
     assert load_model(str(out / "model"), dtype="fp32").model.peft_config["default"].r == 16
+
+
+def test_tracker_without_its_package_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from gsmtune.training.sft import choose_runtime
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(GsmtuneError, match="training.report_to=wandb needs its package: pip install wandb"):
+        choose_runtime(load_config(None, ["training.report_to=wandb"]).training, torch.device("cpu"))
+
+
+def test_tensorboard_tracking_writes_events(tiny_model_dir, train_dir, tmp_path):
+    out = tmp_path / "tb"
+    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=2",
+                                                         "training.report_to=tensorboard")]) == 0
+    assert list(out.rglob("events.out.tfevents.*"))

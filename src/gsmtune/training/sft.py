@@ -40,8 +40,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
 def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
     """The optimizer and precision this machine can run, saying in one line what replaces an impossible choice."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(t.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise GsmtuneError(f"training.report_to={t.report_to} needs its package: pip install {package} (or report_to=none)")
     optim, bf16 = t.optim, bool(t.bf16)
     if "bnb" in optim or "8bit" in optim:
         try:
