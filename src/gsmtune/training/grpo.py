@@ -12,7 +12,7 @@ from gsmtune.errors import GsmtuneError
 from gsmtune.models import is_adapter, load_adapter, load_tokenizer, resolve_model_path
 from gsmtune.prompts import build_prompt
 from gsmtune.training.rewards import correctness_reward, format_reward
-from gsmtune.training.sft import CHECKPOINTS, is_gemma, peft_config
+from gsmtune.training.sft import is_gemma, peft_config, trainer_args
 
 
 def grpo_rows(problems: list, cfg: DictConfig, tokenizer) -> list[dict]:
@@ -41,24 +41,13 @@ def build_grpo_trainer(cfg: DictConfig, out: Path, train_problems: list, val_pro
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    t, g = cfg.training, cfg.training.grpo
+    g = cfg.training.grpo
     model, tokenizer, path, new_lora = load_policy(cfg, bf16)
     use_vllm = device.type == "cuda" and _has_vllm()
     try:
-        args = GRPOConfig(
-            output_dir=str(out / CHECKPOINTS), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
-            lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
-            num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, optim=optim, bf16=bf16,
-            use_cpu=device.type == "cpu", activation_checkpointing=t.gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False}, logging_steps=t.logging_steps,
-            save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-            report_to=[] if t.report_to == "none" else [t.report_to], seed=cfg.seed, data_seed=cfg.seed,
-            num_generations=g.num_generations, max_completion_length=g.max_completion_length, beta=g.beta,
-            temperature=g.temperature, reward_weights=[g.correct_weight, g.format_weight], use_vllm=use_vllm,
-            include_num_input_tokens_seen="non_padding",
-        )
+        args = GRPOConfig(**trainer_args(cfg, out, optim, bf16, device),
+                          num_generations=g.num_generations, max_completion_length=g.max_completion_length, beta=g.beta,
+                          temperature=g.temperature, reward_weights=[g.correct_weight, g.format_weight], use_vllm=use_vllm)
         trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
                               train_dataset=Dataset.from_list(grpo_rows(train_problems, cfg, tokenizer)),
                               processing_class=tokenizer, peft_config=peft_config(cfg) if new_lora else None)

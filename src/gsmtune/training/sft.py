@@ -108,45 +108,49 @@ def peft_config(cfg: DictConfig):
                       task_type="CAUSAL_LM")
 
 
+def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device) -> dict[str, Any]:
+    """`TrainingArguments` shared by the SFT and GRPO recipes, from the config's `training.*` keys."""
+    t = cfg.training
+    return {
+        "output_dir": str(out / CHECKPOINTS),
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "lr_scheduler_kwargs": {"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
+        "warmup_steps": t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "optim": optim,
+        "bf16": bf16,
+        "use_cpu": device.type == "cpu",
+        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        "activation_checkpointing_kwargs": {"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "report_to": [] if t.report_to == "none" else [t.report_to],
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+    }
+
+
 def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device, has_validation: bool):
     from trl import SFTConfig
 
     t = cfg.training
-    validation = {}
+    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": t.max_seq_length, "completion_only_loss": True}
     if has_validation:
-        validation = {"eval_strategy": "steps", "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.per_device_train_batch_size}
+        args |= {"eval_strategy": "steps", "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.per_device_train_batch_size}
         if t.early_stopping_patience:
             # the best checkpoint can only be restored if checkpoints fall on evaluation steps
-            validation |= {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
-    return SFTConfig(
-        output_dir=str(out / CHECKPOINTS),
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        lr_scheduler_kwargs={"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        optim=optim,
-        bf16=bf16,
-        use_cpu=device.type == "cpu",
-        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
-        max_length=t.max_seq_length,
-        completion_only_loss=True,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.eval_steps if (has_validation and t.early_stopping_patience) else t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=[] if t.report_to == "none" else [t.report_to],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        **validation,
-    )
+            args |= {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
+                     "save_steps": t.eval_steps}
+    return SFTConfig(**args)
 
 
 def peak_memory_gib(device: torch.device) -> float:
