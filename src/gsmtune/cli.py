@@ -65,10 +65,11 @@ def side_by_side(cfg, metrics: dict) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from gsmtune.models import is_adapter
     from gsmtune.training.sft import merge_adapter
 
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").exists():
+    if not is_adapter(adapter):
         raise GsmtuneError(f"{adapter} holds no adapter_config.json; give the LoRA folder (RUN/model)")
     print(f"merged model: {merge_adapter(adapter, Path(args.output))}")
 

@@ -12,7 +12,7 @@ from gsmtune.errors import GsmtuneError
 from gsmtune.models import is_adapter, load_adapter, load_tokenizer, resolve_model_path
 from gsmtune.prompts import build_prompt
 from gsmtune.training.rewards import correctness_reward, format_reward
-from gsmtune.training.sft import is_gemma, peft_config, trainer_args
+from gsmtune.training.sft import peft_config, trainer_args, training_attention
 
 
 def grpo_rows(problems: list, cfg: DictConfig, tokenizer) -> list[dict]:
@@ -30,8 +30,7 @@ def load_policy(cfg: DictConfig, bf16: bool):
     if is_adapter(path):
         model, tok_src = load_adapter(path, is_trainable=True, dtype=dtype)
         return model, load_tokenizer(tok_src), path, False
-    attn = cfg.model.attn_implementation or ("eager" if is_gemma(path) else None)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=training_attention(cfg, path),
                                                  trust_remote_code=cfg.model.trust_remote_code)
     return model, load_tokenizer(path, cfg.model.trust_remote_code), path, cfg.training.grpo.use_lora
 

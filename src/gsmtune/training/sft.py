@@ -67,10 +67,13 @@ def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
     return optim, bf16
 
 
-def is_gemma(path: str) -> bool:
+def training_attention(cfg: DictConfig, path: str) -> str | None:
+    """The configured attention, else `eager` for Gemma: its model card asks for it (sdpa has been reported to diverge)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).model_type.startswith("gemma")
+    if cfg.model.attn_implementation:
+        return cfg.model.attn_implementation
+    return "eager" if AutoConfig.from_pretrained(path).model_type.startswith("gemma") else None
 
 
 def load_for_training(cfg: DictConfig, device: torch.device, bf16: bool):
@@ -80,8 +83,7 @@ def load_for_training(cfg: DictConfig, device: torch.device, bf16: bool):
     t = cfg.training
     path = resolve_model_path(cfg.model.name)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
-    # Gemma's model card asks for eager attention in training (sdpa has been reported to diverge)
-    kwargs["attn_implementation"] = cfg.model.attn_implementation or ("eager" if is_gemma(path) else None)
+    kwargs["attn_implementation"] = training_attention(cfg, path)
     kwargs["dtype"] = torch.bfloat16 if (bf16 and t.method != "full") else torch.float32
     if t.method == "qlora":
         if device.type != "cuda":
