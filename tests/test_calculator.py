@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gsmtune.calculator import CalculatorProcessor, format_result, pending_result
+from gsmtune.calculator import Calculator, format_result, pending_result
 
 
 @pytest.mark.parametrize(
@@ -31,29 +31,26 @@ def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_processor_forces_only_the_row_that_calls(tiny_tokenizer):
+def test_calculator_forces_only_the_row_that_calls(tiny_tokenizer):
     tok = tiny_tokenizer
-    prompt = [tok.bos_token_id]
-    rows = [prompt + ids(tok, " so <<(3+4)*2="), prompt + ids(tok, " so 3+4=")]
-    width = max(len(r) for r in rows)
-    rows = [[tok.pad_token_id] * (width - len(r)) + r for r in rows]  # left-padded like generate's input
-    proc = CalculatorProcessor(tok, prompt_len=0, batch_size=2)  # scripted stream: decode everything
-    vocab = len(tok)
-    written, expected = [], ids(tok, "14>>")
-    current = torch.tensor(rows)
-    for _ in range(len(expected)):
-        scores = torch.zeros(2, vocab)
-        scores[:, 5] = 1.0  # the "model" would write token 5 everywhere
-        out = proc(current, scores.clone())
-        assert torch.isinf(out[0]).sum() == vocab - 1  # row 0 forced to one token
-        assert torch.equal(out[1], scores[1])  # row 1 untouched
-        token = int(out[0].argmax())
-        written.append(token)
-        current = torch.cat([current, torch.tensor([[token], [5]])], dim=1)
-    assert written == expected
-    assert proc.calls == [1, 0] and proc.changed == [1, 0]
-    scores = torch.zeros(2, vocab)
-    assert torch.equal(proc(current, scores.clone()), scores)  # call finished: nothing more is forced
+    calc = Calculator(tok, batch_size=2)
+    rows = [ids(tok, " so <<(3+4)*2="), ids(tok, " so 3+4=")]
+    expected = ids(tok, "14>>")
+    for want in expected:
+        rows[0].append(calc.next_token(0, rows[0], chosen=5))  # the "model" would write token 5 everywhere
+        rows[1].append(calc.next_token(1, rows[1], chosen=5))
+        assert rows[0][-1] == want and rows[1][-1] == 5
+    assert calc.calls == [1, 0] and calc.changed == [1, 0]
+    assert calc.next_token(0, rows[0], chosen=5) == 5  # call finished: nothing more is forced
+
+
+def test_calculator_counts_no_change_when_the_model_agrees(tiny_tokenizer):
+    tok = tiny_tokenizer
+    calc = Calculator(tok, batch_size=1)
+    row = ids(tok, "<<48/2=")
+    for want in ids(tok, "24>>"):
+        row.append(calc.next_token(0, row, chosen=want))
+    assert (calc.calls, calc.changed) == ([1], [0])
 
 
 def test_calculator_inside_generate(tiny_model_dir, tiny_tokenizer):

@@ -33,15 +33,15 @@ def test_left_pad():
 
 def test_finish_reasons(tiny_tokenizer):
     tok = tiny_tokenizer
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos = tok.eos_token_id
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     rules = StopRules()
-    assert _finish(tok, enc(" 3 + 4 = 7") + [eos, pad], {eos}, pad, rules) == Completion(" 3 + 4 = 7", len(enc(" 3 + 4 = 7")) + 1, "eos")
-    ans = _finish(tok, enc(" 7\n#### 7\n") + [pad, pad], {eos}, pad, rules)
+    assert _finish(tok, enc(" 3 + 4 = 7") + [eos], {eos}, rules) == Completion(" 3 + 4 = 7", len(enc(" 3 + 4 = 7")) + 1, "eos")
+    ans = _finish(tok, enc(" 7\n#### 7\n"), {eos}, rules)
     assert (ans.text, ans.stop_reason) == (" 7\n#### 7", "answer_line")
-    q = _finish(tok, enc(" 7\nQuestion: more"), {eos}, pad, rules)
+    q = _finish(tok, enc(" 7\nQuestion: more"), {eos}, rules)
     assert (q.text, q.stop_reason) == (" 7", "new_question")
-    cut = _finish(tok, enc(" 1 2 3 4"), {eos}, pad, rules)
+    cut = _finish(tok, enc(" 1 2 3 4"), {eos}, rules)
     assert (cut.text, cut.stop_reason, cut.num_tokens) == (" 1 2 3 4", "max_tokens", len(enc(" 1 2 3 4")))
 
 
@@ -64,3 +64,38 @@ def test_batched_generation_matches_one_by_one(tiny_model_dir, tiny_tokenizer):
     single = [generate(model, tiny_tokenizer, [p], gen, StopRules())[0] for p in prompts]
     assert batched == single
     assert all(c.num_tokens <= 12 for c in batched)
+
+
+def test_greedy_matches_hf_generate_and_finished_rows_leave(tiny_model_dir, tiny_tokenizer):
+    """Our decode loop gives HF `generate`'s greedy tokens, and a row that hits EOS leaves the running batch."""
+    from transformers import AutoModelForCausalLM
+
+    from gsmtune.config import load_config
+
+    tok = tiny_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    gen = load_config(None, ["generation.max_new_tokens=10"]).generation
+    prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]
+               for t in ["Question: Tom has 3 apples\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:"]]
+    none = StopRules(at_answer=False, at_new_question=False)
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                               eos_token_id=[], pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    ours = generate(model, tok, prompts, gen, none)
+    assert [c.text for c in ours] == [tok.decode(r, skip_special_tokens=True) for r in reference.tolist()]
+
+    original, widths = model.forward, []
+
+    def eos_in_row_1_at_step_3(*args, **kwargs):
+        out = original(*args, **kwargs)
+        widths.append(out.logits.shape[0])
+        if len(widths) == 3:
+            out.logits[1, -1, :] = -1e4
+            out.logits[1, -1, tok.eos_token_id] = 0.0
+        return out
+
+    model.forward = eos_in_row_1_at_step_3
+    cut = generate(model, tok, prompts, gen, none)
+    assert widths == [3, 3, 3] + [2] * 7
+    assert (cut[1].stop_reason, cut[1].num_tokens) == ("eos", 3)
+    assert [cut[0].text, cut[2].text] == [ours[0].text, ours[2].text]

@@ -194,3 +194,18 @@ def test_tensorboard_tracking_writes_events(tiny_model_dir, train_dir, tmp_path)
     assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=2",
                                                          "training.report_to=tensorboard")]) == 0
     assert list(out.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(("model_type", "extra", "expected"), [
+    ("gemma2", {"attn_logit_softcapping": 50.0}, "eager"),  # soft-capped attention logits: sdpa cannot
+    ("gemma3_text", {"attn_logit_softcapping": None}, None),  # library default (sdpa)
+    ("llama", {}, None),
+])
+def test_training_attention(tmp_path, model_type, extra, expected):
+    from transformers import AutoConfig
+
+    from gsmtune.training.sft import training_attention
+
+    AutoConfig.for_model(model_type, **extra).save_pretrained(tmp_path)
+    assert training_attention(load_config(None, []), str(tmp_path)) == expected
+    assert training_attention(load_config(None, ["model.attn_implementation=eager"]), str(tmp_path)) == "eager"

@@ -1,14 +1,11 @@
 """Calculator-assisted decoding: when a row has written `<<expression=`, the computed result and `>>` are forced.
 
-A logits processor rather than a decode loop of our own, so it runs inside `generate` for every row of a batch.
+It runs inside gsmtune's decode loop (generation.generate), row by row, so one row's call never touches another.
 """
 
 from __future__ import annotations
 
 import re
-
-import torch
-from transformers import LogitsProcessor
 
 from gsmtune.arithmetic import safe_eval
 
@@ -31,31 +28,27 @@ def pending_result(text: str) -> str | None:
     return None if value is None else format_result(value) + ">>"
 
 
-class CalculatorProcessor(LogitsProcessor):
+class Calculator:
     """Per row: after `<<expr=`, force the tokens of `result>>`; counts calls and the ones that overrode the model."""
 
-    def __init__(self, tokenizer, prompt_len: int, batch_size: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+    def __init__(self, tokenizer, batch_size: int):
+        self.tokenizer = tokenizer
         self.queue: list[list[int]] = [[] for _ in range(batch_size)]
         self.calls = [0] * batch_size
         self.changed = [0] * batch_size
         self._overrode = [False] * batch_size
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row in range(input_ids.shape[0]):
-            if not self.queue[row]:
-                text = self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
-                forced = pending_result(text)
-                if forced is None:
-                    continue
-                self.queue[row] = self.tokenizer(forced, add_special_tokens=False)["input_ids"]
-                self.calls[row] += 1
-                self._overrode[row] = False
-            token = self.queue[row].pop(0)
-            if not self._overrode[row] and int(scores[row].argmax()) != token:
-                self._overrode[row] = True  # the model would have written something else here
-                self.changed[row] += 1
-            forced_row = torch.full_like(scores[row], float("-inf"))
-            forced_row[token] = 0.0
-            scores[row] = forced_row
-        return scores
+    def next_token(self, row: int, generated: list[int], chosen: int) -> int:
+        """The token `row` writes next: the forced one inside a call, else the model's `chosen` token."""
+        if not self.queue[row]:
+            forced = pending_result(self.tokenizer.decode(generated, skip_special_tokens=True))
+            if forced is None:
+                return chosen
+            self.queue[row] = self.tokenizer(forced, add_special_tokens=False)["input_ids"]
+            self.calls[row] += 1
+            self._overrode[row] = False
+        token = self.queue[row].pop(0)
+        if not self._overrode[row] and chosen != token:
+            self._overrode[row] = True  # the model would have written something else here
+            self.changed[row] += 1
+        return token

@@ -6,7 +6,15 @@ import re
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gsmtune.calculator import Calculator
 
 _NEW_QUESTION = re.compile(r"\n\s*Question:")
 _ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
@@ -36,23 +44,6 @@ class Completion:
     calculator_changed: int = 0  # calls whose forced result differed from what the model would have written
 
 
-class _StopOnRules(StoppingCriteria):
-    """Per-row stop for `generate`: decodes only rows still running (stop strings are regexes, not tokens)."""
-
-    def __init__(self, tokenizer, prompt_len: int, rules: StopRules):
-        self.tokenizer, self.prompt_len, self.rules = tokenizer, prompt_len, rules
-        self.done: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.done is None:
-            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row in torch.nonzero(~self.done).flatten().tolist():
-            text = self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
-            if self.rules.find(text) is not None:
-                self.done[row] = True
-        return self.done.clone()
-
-
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """EOS plus end-of-turn tokens (chat models end a reply with them, not with EOS)."""
     ids = set()
@@ -77,52 +68,81 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return input_ids, mask
 
 
+def _sampler(gen_cfg):
+    """HF's own warpers for temperature / top-k / top-p; None for greedy."""
+    if not gen_cfg.do_sample:
+        return None
+    warpers = [TemperatureLogitsWarper(gen_cfg.temperature)]
+    if gen_cfg.top_k:
+        warpers.append(TopKLogitsWarper(gen_cfg.top_k))
+    if gen_cfg.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(gen_cfg.top_p))
+    return LogitsProcessorList(warpers)
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0) -> list[Completion]:
-    """Generate for a batch of tokenized prompts; each completion is cut at its first stop rule."""
+    """Generate for a batch of tokenized prompts; each completion is cut at its first stop rule.
+
+    Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until the longest is done
+    (GSM8K rows stop at very different lengths); here a finished row leaves the batch and the cache at once.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, mask = left_pad(batch, pad_id)
     device = next(model.parameters()).device
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    eos_ids = stop_token_ids(tokenizer, model)
-    sampling = {}
-    if gen_cfg.do_sample:
-        torch.manual_seed(seed)
-        sampling = {"temperature": gen_cfg.temperature, "top_p": gen_cfg.top_p, "top_k": gen_cfg.top_k}
-    calculator = None
-    if gen_cfg.calculator:
-        from transformers import LogitsProcessorList
-
-        from gsmtune.calculator import CalculatorProcessor
-
-        calculator = CalculatorProcessor(tokenizer, input_ids.shape[1], len(batch))
-        sampling["logits_processor"] = LogitsProcessorList([calculator])
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        max_new_tokens=gen_cfg.max_new_tokens,
-        do_sample=gen_cfg.do_sample,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        stopping_criteria=StoppingCriteriaList([_StopOnRules(tokenizer, input_ids.shape[1], rules)]),
-        **sampling,
-    )
-    new = out[:, input_ids.shape[1]:].tolist()
-    completions = [_finish(tokenizer, row, set(eos_ids), pad_id, rules) for row in new]
+    input_ids, mask = (t.to(device) for t in left_pad(batch, pad_id))
+    eos_ids = set(stop_token_ids(tokenizer, model))
+    sampler = _sampler(gen_cfg)
+    generator = torch.Generator(device).manual_seed(seed) if sampler is not None else None
+    calculator = Calculator(tokenizer, len(batch)) if gen_cfg.calculator else None
+    tokens: list[list[int]] = [[] for _ in batch]
+    results: list[Completion | None] = [None] * len(batch)
+    rows = list(range(len(batch)))  # the original row of each position in the running batch
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    for _ in range(gen_cfg.max_new_tokens):
+        if sampler is None:
+            chosen = logits.argmax(-1)
+        else:
+            probs = torch.softmax(sampler(None, logits.float()), dim=-1)
+            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        keep, next_tokens = [], []
+        for pos, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
+            if calculator is not None:
+                token = calculator.next_token(row, tokens[row], token)
+            tokens[row].append(token)
+            text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+            if token in eos_ids or len(tokens[row]) == gen_cfg.max_new_tokens or rules.find(text) is not None:
+                results[row] = _finish(tokenizer, tokens[row], eos_ids, rules)
+            else:
+                keep.append(pos)
+                next_tokens.append(token)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # finished rows leave the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+            rows = [rows[pos] for pos in keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        logits = model(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=mask,
+                       position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True).logits[:, -1, :]
+    completions = [c if c is not None else _finish(tokenizer, t, eos_ids, rules) for c, t in zip(results, tokens, strict=True)]
     if calculator is not None:
         for c, calls, changed in zip(completions, calculator.calls, calculator.changed, strict=True):
             c.calculator_calls, c.calculator_changed = calls, changed
     return completions
 
 
-def _finish(tokenizer, tokens: list[int], eos_ids: set[int], pad_id: int, rules: StopRules) -> Completion:
-    """Cut one row at EOS or its stop rule and say why it ended; `generate` pads rows that stopped early."""
-    end = next((i for i, t in enumerate(tokens) if t in eos_ids or t == pad_id), None)
+def _finish(tokenizer, tokens: list[int], eos_ids: set[int], rules: StopRules) -> Completion:
+    """Cut one row at EOS or its stop rule and say why it ended."""
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
     used = tokens if end is None else tokens[:end]
     text = tokenizer.decode(used, skip_special_tokens=True)
     stop = rules.find(text)
     if stop is not None:
         return Completion(text=text[: stop[0]], num_tokens=len(used), stop_reason=stop[1])
-    if end is not None and tokens[end] in eos_ids:
+    if end is not None:
         return Completion(text=text, num_tokens=len(used) + 1, stop_reason="eos")
     return Completion(text=text, num_tokens=len(used), stop_reason="max_tokens")

@@ -68,12 +68,14 @@ def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
 
 
 def training_attention(cfg: DictConfig, path: str) -> str | None:
-    """The configured attention, else `eager` for Gemma: its model card asks for it (sdpa has been reported to diverge)."""
+    """The configured attention, else `eager` where the model soft-caps attention logits (Gemma 2): sdpa cannot, and
+    its model card asks for eager. Elsewhere (Gemma 1 and 3 too) the library's default, sdpa: exact and faster."""
     from transformers import AutoConfig
 
     if cfg.model.attn_implementation:
         return cfg.model.attn_implementation
-    return "eager" if AutoConfig.from_pretrained(path).model_type.startswith("gemma") else None
+    text = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).get_text_config()
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else None
 
 
 def load_for_training(cfg: DictConfig, device: torch.device, bf16: bool):

@@ -1,0 +1,144 @@
+"""Training speed on one machine: `gsmtune train` vs a plain TRL `SFTTrainer` with its default arguments.
+
+Both get the same tokenized rows (the first N GSM8K train problems, `Question: q\\nAnswer:` + answer + EOS, loss on the
+answer), the same effective batch, learning rate and schedule, the same seed (so the same batches in the same order),
+and LoRA gets the same adapter shape. Everything else is each side's default. Each run is its own process.
+
+    python benchmarks/bench_train.py --data ../shared/data/gsm8k --methods lora,full --max-steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LR = {"lora": 2e-4, "full": 5e-5}
+
+
+def settings(a) -> list[str]:
+    return ["dataset.source=local", f"dataset.path={a.folder}", "dataset.train_samples=null", "prompt.strategy=zero_shot",
+            f"training.method={a.method}", f"training.learning_rate={LR[a.method]}", "training.lr_scheduler_type=linear",
+            f"training.per_device_train_batch_size={a.batch_size}", f"training.gradient_accumulation_steps={a.accumulation}",
+            f"training.max_steps={a.max_steps}", "training.logging_steps=1", f"training.save_steps={a.max_steps + 1}",
+            "training.max_seq_length=512"]
+
+
+def gsmtune_worker(a) -> dict:
+    from gsmtune.config import load_config
+    from gsmtune.training.sft import run_train
+
+    out = Path(tempfile.mkdtemp())
+    run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
+    m = json.loads((out / "train_metrics.json").read_text())
+    return {"seconds": m["train_runtime_seconds"], "tokens": m["tokens_seen"], "peak_rss_gib": m["peak_memory_gib"],
+            "losses": [p["loss"] for p in m["loss_curve"]]}
+
+
+def trl_worker(a) -> dict:
+    """TRL as its docs show it: a model path, a dataset and SFTConfig defaults (bf16, gradient checkpointing, ...)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from gsmtune.config import load_config
+    from gsmtune.data import train_validation_split
+    from gsmtune.models import load_tokenizer, resolve_model_path
+    from gsmtune.training.sft_data import sft_rows
+
+    cfg = load_config(None, settings(a))
+    path = resolve_model_path(cfg.model.name)
+    rows = sft_rows(train_validation_split(cfg)[0], cfg, load_tokenizer(path))
+    lc = cfg.training.lora
+    peft = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                      task_type="CAUSAL_LM") if a.method == "lora" else None
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size,
+                     gradient_accumulation_steps=a.accumulation, max_steps=a.max_steps, learning_rate=LR[a.method],
+                     lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
+                     data_seed=cfg.seed, include_num_input_tokens_seen="non_padding", completion_only_loss=True)
+    trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft)
+    result = trainer.train()
+    return {"seconds": result.metrics["train_runtime"], "tokens": trainer.state.num_input_tokens_seen,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+
+
+def run_worker(args: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), *args, "--out", out], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="folder with GSM8K train.jsonl")
+    p.add_argument("--n", type=int, default=256, help="training problems (the first N of train)")
+    p.add_argument("--methods", default="lora,full")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accumulation", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=16, help="optimizer steps (16 x 8 x 2 = 256 problems)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "train.json")
+    p.add_argument("--worker", choices=["gsmtune", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("extra", nargs="*", help="key=value overrides for the gsmtune side (a lever to measure)")
+    a = p.parse_args()
+
+    if a.worker:
+        result = (gsmtune_worker if a.worker == "gsmtune" else trl_worker)(a)
+        a.out.write_text(json.dumps(result))
+        return
+
+    folder = Path(tempfile.mkdtemp())
+    with (a.data / "train.jsonl").open() as f:
+        (folder / "train.jsonl").write_text("".join(next(f) for _ in range(a.n)))
+    common = ["--batch-size", str(a.batch_size), "--accumulation", str(a.accumulation), "--max-steps", str(a.max_steps),
+              "--folder", str(folder)]
+    table = []
+    for method in a.methods.split(","):
+        row = {"method": method}
+        for side in ("gsmtune", "trl"):
+            runs = []
+            for i in range(a.repeats):
+                runs.append(run_worker(["--worker", side, "--method", method, *common, *(a.extra if side == "gsmtune" else [])]))
+                print(f"{method} {side} run {i + 1}: {runs[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+            median = statistics.median(r["seconds"] for r in runs)
+            row[side] = {"runs": runs, "median_seconds": median, "tokens_per_s": runs[0]["tokens"] / median,
+                         "s_per_step": median / a.max_steps, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
+                         "losses": runs[0]["losses"]}
+        table.append(row)
+
+    import torch
+    import transformers
+    import trl
+
+    print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, trl {trl.__version__}; first {a.n} train problems, batch {a.batch_size} x "
+          f"accumulation {a.accumulation}, {a.max_steps} steps, median of {a.repeats}; gsmtune overrides: {a.extra or 'none'}\n")
+    print("| method | side | tokens/s | s/step | peak RSS GiB | mean loss | last loss | x TRL tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in table:
+        for side in ("gsmtune", "trl"):
+            r = row[side]
+            print(f"| {row['method']} | {side} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.1f} | "
+                  f"{statistics.mean(r['losses']):.4f} | {r['losses'][-1]:.4f} | "
+                  f"{r['tokens_per_s'] / row['trl']['tokens_per_s']:.2f} |")
+        print(f"<!-- {row['method']} losses per step: gsmtune {[round(x, 4) for x in row['gsmtune']['losses']]}, "
+              f"trl {[round(x, 4) for x in row['trl']['losses']]} -->")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"n": a.n, "args": vars(a) | {"data": str(a.data), "out": str(a.out)}, "table": table},
+                                indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
