@@ -99,3 +99,43 @@ def test_greedy_matches_hf_generate_and_finished_rows_leave(tiny_model_dir, tiny
     assert widths == [3, 3, 3] + [2] * 7
     assert (cut[1].stop_reason, cut[1].num_tokens) == ("eos", 3)
     assert [cut[0].text, cut[2].text] == [ours[0].text, ours[2].text]
+
+
+def test_continuous_batching_matches_one_by_one(tiny_tokenizer, monkeypatch):
+    """Rows finish at different steps, waiting prompts join the running batch, padding columns are trimmed, and the
+    timeline outgrows the sliding window: every completion still equals its prompt run alone."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gsmtune import generation
+    from gsmtune.config import load_config
+
+    tok = tiny_tokenizer
+    torch.manual_seed(1)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    texts = ["Question: Tom has 3 apples and 4 pears\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:",
+             "Question: Sara buys 12 eggs at $2 each\nAnswer:", "Question: half of 10\nAnswer:"]
+    prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    gen, none = load_config(None, ["generation.max_new_tokens=14"]).generation, StopRules(False, False)
+    alone = [generate(model, tok, [p], gen, none)[0] for p in prompts]
+    assert {c.stop_reason for c in alone} == {"eos", "max_tokens"}  # this seed's rows end at different steps
+
+    seen = {"join": 0, "trim": 0, "timeline": 0}
+    join, trim = generation.join, generation.trim
+
+    def counting_join(cache, length, other, other_length):
+        seen["join"] += 1
+        join(cache, length, other, other_length)
+
+    def counting_trim(cache, length, columns):
+        seen["trim"] += 1
+        seen["timeline"] = max(seen["timeline"], length)
+        trim(cache, length, columns)
+
+    monkeypatch.setattr(generation, "join", counting_join)
+    monkeypatch.setattr(generation, "trim", counting_trim)
+    together = dict(generation.stream(model, tok, prompts, gen, none, batch_size=2))
+    assert [together[i] for i in range(len(prompts))] == alone
+    assert seen["join"] >= 1 and seen["trim"] >= 1 and seen["timeline"] > 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -163,7 +164,6 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
 
     `model_path` replaces `model.name` for the weights (a trained run evaluates its own RUN/model folder).
     """
-    from gsmtune.generation import StopRules, generate
     from gsmtune.models import load_model
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
 
@@ -181,31 +181,20 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
                         cfg.model.attn_implementation)
         prompts = {p.index: build_prompt(p.question, cfg, shots, lm.tokenizer) for p in pending}
         ids = {i: tokenize_prompt(text, lm.tokenizer) for i, text in prompts.items()}
-        pending.sort(key=lambda p: len(ids[p.index]))  # similar lengths per batch: less padding
-        rules = StopRules(cfg.generation.stop_at_answer, cfg.generation.stop_at_new_question)
-        bs = cfg.generation.batch_size
-        # with self-consistency the main completion is greedy and the k samples come on top
-        greedy_cfg = OmegaConf.merge(cfg.generation, {"do_sample": False}) if cfg.generation.num_samples > 1 else cfg.generation
+        pending.sort(key=lambda p: len(ids[p.index]))  # similar lengths side by side: less padding when rows join
         bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc="eval", unit="problem")
-        tokens, seconds = 0, 0.0
+        tokens, seconds, last = 0, 0.0, time.perf_counter()
         with pred_path.open("a", encoding="utf-8") as f:
-            for b in range(0, len(pending), bs):
-                batch = pending[b: b + bs]
-                t0 = time.perf_counter()
-                batch_ids = [ids[p.index] for p in batch]
-                completions = generate(lm.model, lm.tokenizer, batch_ids, greedy_cfg, rules, seed=cfg.seed + b)
-                samples = sample_completions(lm, batch_ids, cfg, rules, seed=cfg.seed + b)
-                dt = time.perf_counter() - t0
-                for j, (p, c) in enumerate(zip(batch, completions, strict=True)):
-                    row = score(p, prompts[p.index], c) | {"seconds": dt / len(batch)}
-                    if samples:
-                        row = add_samples(row, samples[j])
-                    f.write(json.dumps(row) + "\n")
-                    done[p.index] = row
+            for p, completion, samples in completions(lm, pending, ids, cfg):
+                now = time.perf_counter()
+                row = score(p, prompts[p.index], completion) | {"seconds": now - last}
+                if samples:
+                    row = add_samples(row, samples)
+                f.write(json.dumps(row) + "\n")
                 f.flush()
-                tokens += sum(done[p.index]["num_tokens"] for p in batch)
-                seconds += dt
-                bar.update(len(batch))
+                done[p.index] = row
+                tokens, seconds, last = tokens + row["num_tokens"], seconds + now - last, now
+                bar.update(1)
                 bar.set_postfix(tok_s=f"{tokens / seconds:.0f}", acc=f"{sum(r['correct'] for r in done.values()) / len(done):.3f}")
         bar.close()
 
@@ -215,20 +204,35 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     return metrics
 
 
+def completions(lm, problems: list[Problem], ids: dict[int, list[int]], cfg: DictConfig) -> Iterator[tuple]:
+    """(problem, completion, samples) as they finish. One continuous batch over every problem; with self-consistency,
+    per batch of problems: the greedy completions, then k sampled ones each."""
+    from gsmtune.generation import StopRules, generate, stream
+
+    rules = StopRules(cfg.generation.stop_at_answer, cfg.generation.stop_at_new_question)
+    bs = cfg.generation.batch_size
+    if cfg.generation.num_samples <= 1:
+        rows = [ids[p.index] for p in problems]
+        for i, completion in stream(lm.model, lm.tokenizer, rows, cfg.generation, rules, seed=cfg.seed, batch_size=bs):
+            yield problems[i], completion, []
+        return
+    greedy_cfg = OmegaConf.merge(cfg.generation, {"do_sample": False})
+    for b in range(0, len(problems), bs):
+        batch = problems[b: b + bs]
+        batch_ids = [ids[p.index] for p in batch]
+        greedy = generate(lm.model, lm.tokenizer, batch_ids, greedy_cfg, rules)
+        yield from zip(batch, greedy, sample_completions(lm, batch_ids, cfg, rules, seed=cfg.seed + b), strict=True)
+
+
 def sample_completions(lm, batch_ids: list[list[int]], cfg: DictConfig, rules, seed: int) -> list[list]:
-    """k sampled completions per prompt (self-consistency), generated in batches of `generation.batch_size` rows."""
-    from gsmtune.generation import generate
+    """k sampled completions per prompt (self-consistency), continuously batched `generation.batch_size` rows at a time."""
+    from gsmtune.generation import stream
 
     k = cfg.generation.num_samples
-    if k <= 1:
-        return []
     sample_cfg = OmegaConf.merge(cfg.generation, {"do_sample": True})
     rows = [ids for ids in batch_ids for _ in range(k)]
-    bs = cfg.generation.batch_size
-    flat = []
-    for start in range(0, len(rows), bs):
-        flat += generate(lm.model, lm.tokenizer, rows[start: start + bs], sample_cfg, rules, seed=seed * 1000 + start)
-    return [flat[i * k: (i + 1) * k] for i in range(len(batch_ids))]
+    done = dict(stream(lm.model, lm.tokenizer, rows, sample_cfg, rules, seed=seed, batch_size=cfg.generation.batch_size))
+    return [[done[i * k + j] for j in range(k)] for i in range(len(batch_ids))]
 
 
 def format_metrics(m: dict) -> str:

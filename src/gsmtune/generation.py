@@ -1,8 +1,10 @@
-"""Batched, left-padded generation with GSM8K stop rules (EOS, the '#### n' line, a new 'Question:')."""
+"""Continuously batched, left-padded generation with GSM8K stop rules (EOS, the '#### n' line, a new 'Question:')."""
 
 from __future__ import annotations
 
 import re
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,7 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
+from gsmtune.kv_cache import join, supports_joining, trim
 
 _NEW_QUESTION = re.compile(r"\n\s*Question:")
 _ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
@@ -80,28 +83,54 @@ def _sampler(gen_cfg):
     return LogitsProcessorList(warpers)
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0) -> list[Completion]:
-    """Generate for a batch of tokenized prompts; each completion is cut at its first stop rule.
+def _prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Run left-padded prompts through the model: next-token logits, their cache and attention mask."""
+    input_ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1, :]
+    return logits, cache, mask
 
-    Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until the longest is done
-    (GSM8K rows stop at very different lengths); here a finished row leaves the batch and the cache at once.
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1)
+
+
+@torch.inference_mode()
+def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0,
+           batch_size: int | None = None) -> Iterator[tuple[int, Completion]]:
+    """Yield (prompt index, completion) as rows finish, each cut at its first stop rule.
+
+    Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
+    done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
+    waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
     """
+    batch_size = batch_size or len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    input_ids, mask = (t.to(device) for t in left_pad(batch, pad_id))
     eos_ids = set(stop_token_ids(tokenizer, model))
     sampler = _sampler(gen_cfg)
     generator = torch.Generator(device).manual_seed(seed) if sampler is not None else None
-    calculator = Calculator(tokenizer, len(batch)) if gen_cfg.calculator else None
-    tokens: list[list[int]] = [[] for _ in batch]
-    results: list[Completion | None] = [None] * len(batch)
-    rows = list(range(len(batch)))  # the original row of each position in the running batch
-    cache = DynamicCache(config=model.config)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1, :]
-    for _ in range(gen_cfg.max_new_tokens):
+    calculator = Calculator(tokenizer, len(prompts)) if gen_cfg.calculator else None
+    waiting = deque(range(len(prompts)))
+    tokens: dict[int, list[int]] = {}
+    rows: list[int] = []  # the prompt index of each row of the running batch
+    cache, mask, logits = None, None, None
+    while waiting or rows:
+        free = batch_size - len(rows)
+        if waiting and (not rows or (free >= max(1, batch_size // 4) and supports_joining(cache))):
+            joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+            new_logits, new_cache, new_mask = _prefill(model, [prompts[i] for i in joining], pad_id, device)
+            if rows:
+                width = max(mask.shape[1], new_mask.shape[1])
+                join(cache, mask.shape[1], new_cache, new_mask.shape[1])
+                mask = torch.cat([_left_pad_mask(mask, width), _left_pad_mask(new_mask, width)])
+                logits = torch.cat([logits, new_logits])
+            else:
+                cache, mask, logits = new_cache, new_mask, new_logits
+            rows += joining
+            tokens.update({i: [] for i in joining})
         if sampler is None:
             chosen = logits.argmax(-1)
         else:
@@ -113,26 +142,35 @@ def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules
                 token = calculator.next_token(row, tokens[row], token)
             tokens[row].append(token)
             text = tokenizer.decode(tokens[row], skip_special_tokens=True)
-            if token in eos_ids or len(tokens[row]) == gen_cfg.max_new_tokens or rules.find(text) is not None:
-                results[row] = _finish(tokenizer, tokens[row], eos_ids, rules)
+            if token in eos_ids or len(tokens[row]) >= gen_cfg.max_new_tokens or rules.find(text) is not None:
+                done = _finish(tokenizer, tokens.pop(row), eos_ids, rules)
+                if calculator is not None:
+                    done.calculator_calls, done.calculator_changed = calculator.calls[row], calculator.changed[row]
+                yield row, done
             else:
                 keep.append(pos)
                 next_tokens.append(token)
         if not keep:
-            break
+            rows, cache, mask, logits = [], None, None, None
+            continue
         if len(keep) < len(rows):  # finished rows leave the batch and the cache
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             mask = mask[index]
             rows = [rows[pos] for pos in keep]
+        padding = int(mask.any(0).long().argmax())  # leading positions that are padding in every row
+        if padding and supports_joining(cache):
+            trim(cache, mask.shape[1], padding)
+            mask = mask[:, padding:]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = model(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=mask,
                        position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True).logits[:, -1, :]
-    completions = [c if c is not None else _finish(tokenizer, t, eos_ids, rules) for c, t in zip(results, tokens, strict=True)]
-    if calculator is not None:
-        for c, calls, changed in zip(completions, calculator.calls, calculator.changed, strict=True):
-            c.calculator_calls, c.calculator_changed = calls, changed
-    return completions
+
+
+def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0) -> list[Completion]:
+    """Completions for one batch of tokenized prompts, in order (rows still leave the batch as they finish)."""
+    done = dict(stream(model, tokenizer, batch, gen_cfg, rules, seed))
+    return [done[i] for i in range(len(batch))]
 
 
 def _finish(tokenizer, tokens: list[int], eos_ids: set[int], rules: StopRules) -> Completion:
