@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at_answer: bool) -> dict:
+def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at_answer: bool, dtype: str) -> dict:
     import transformers  # noqa: F401  (imported before the clock starts, as lm-eval's worker does)
 
     from gsmtune.config import load_config
@@ -31,7 +31,7 @@ def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at
 
     out = Path(tempfile.mkdtemp())
     cfg = load_config(None, ["dataset.source=local", f"dataset.path={problems.parent}", "prompt.strategy=zero_shot",
-                             "num_eval_samples=null", f"generation.batch_size={batch_size}",
+                             "num_eval_samples=null", f"generation.batch_size={batch_size}", f"model.dtype={dtype}",
                              f"generation.max_new_tokens={max_new_tokens}", f"generation.stop_at_answer={stop_at_answer}",
                              f"output_dir={out}"])
     start = time.perf_counter()
@@ -41,7 +41,7 @@ def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at
     return {"seconds": seconds, "completions": [r["completion"] for r in rows], "prompts": [r["prompt"] for r in rows]}
 
 
-def naive_worker(problems: Path, max_new_tokens: int) -> dict:
+def naive_worker(problems: Path, max_new_tokens: int, dtype: str) -> dict:
     """The floor: one `generate` call per problem, HF's own stop strings."""
     import torch
 
@@ -50,7 +50,7 @@ def naive_worker(problems: Path, max_new_tokens: int) -> dict:
     from gsmtune.prompts import tokenize_prompt
 
     start = time.perf_counter()  # after the imports, like the other contenders
-    lm = load_model("bundled:gemma-3-270m")
+    lm = load_model("bundled:gemma-3-270m", dtype=dtype)
     rules, completions, prompts = StopRules(at_answer=False), [], []
     for line in problems.open():
         prompt = f"Question: {json.loads(line)['question']}\nAnswer:"
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--lm-eval-batch-sizes", default="16,32,64", help="tried once each; the fastest is then repeated")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", help="float32 shows whether disagreements are bf16 rounding")
     p.add_argument("--out", type=Path, default=HERE / "results" / "eval.json")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -106,8 +107,8 @@ def main() -> None:
     if a.worker:  # inside a contender's own process
         kind, *rest, out = a.worker
         problems = Path(rest[0])
-        result = (gsmtune_worker(problems, int(rest[1]), int(rest[2]), rest[3] == "true") if kind == "gsmtune"
-                  else naive_worker(problems, int(rest[1])))
+        result = (gsmtune_worker(problems, int(rest[1]), int(rest[2]), rest[3] == "true", a.dtype) if kind == "gsmtune"
+                  else naive_worker(problems, int(rest[1]), a.dtype))
         Path(out).write_text(json.dumps(result))
         return
 
@@ -115,7 +116,7 @@ def main() -> None:
     with (a.data / "test.jsonl").open() as f:
         (folder / "test.jsonl").write_text("".join(next(f) for _ in range(a.n)))
     problems = folder / "test.jsonl"
-    me = [str(Path(__file__).resolve()), "--data", str(a.data), "--worker"]
+    me = [str(Path(__file__).resolve()), "--data", str(a.data), "--dtype", a.dtype, "--worker"]
     tok = str(a.max_new_tokens)
     results = [measure("gsmtune", [*me, "gsmtune", str(problems), str(a.batch_size), tok, "false"], a.repeats)]
     results.append(measure("gsmtune, also stopping at the '#### n' line",
@@ -123,7 +124,7 @@ def main() -> None:
     if a.lm_eval_python:
         from gsmtune.models import bundled_model_path
 
-        worker = [str(HERE / "lm_eval_worker.py"), str(problems), str(bundled_model_path("gemma-3-270m"))]
+        worker = [str(HERE / "lm_eval_worker.py"), str(problems), str(bundled_model_path("gemma-3-270m")), a.dtype]
         trials = {bs: run_worker([*worker, bs, tok], a.lm_eval_python)["seconds"] for bs in a.lm_eval_batch_sizes.split(",")}
         print(f"lm-eval batch sizes tried (s): {trials}", file=sys.stderr)
         best = min(trials, key=trials.get)
@@ -152,7 +153,7 @@ def main() -> None:
     import transformers
 
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; n={a.n}, max_new_tokens={a.max_new_tokens}, median of {a.repeats}\n")
+          f"transformers {transformers.__version__}; {a.dtype}; n={a.n}, max_new_tokens={a.max_new_tokens}, median of {a.repeats}\n")
     print("| contender | median s | runs (s) | problems/s | gen tokens/s | x lm-eval | same text / answer as gsmtune |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--accumulation", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=16, help="optimizer steps (16 x 8 x 2 = 256 problems)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sides", default="gsmtune,trl", help="gsmtune alone measures a lever (with key=value overrides)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "train.json")
     p.add_argument("--worker", choices=["gsmtune", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -107,7 +108,7 @@ def main() -> None:
     table = []
     for method in a.methods.split(","):
         row = {"method": method}
-        for side in ("gsmtune", "trl"):
+        for side in a.sides.split(","):
             runs = []
             for i in range(a.repeats):
                 runs.append(run_worker(["--worker", side, "--method", method, *common, *(a.extra if side == "gsmtune" else [])]))
@@ -128,13 +129,13 @@ def main() -> None:
     print("| method | side | tokens/s | s/step | peak RSS GiB | mean loss | last loss | x TRL tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
     for row in table:
-        for side in ("gsmtune", "trl"):
+        for side in a.sides.split(","):
             r = row[side]
+            ratio = f"{r['tokens_per_s'] / row['trl']['tokens_per_s']:.2f}" if "trl" in row else "-"
             print(f"| {row['method']} | {side} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.1f} | "
-                  f"{statistics.mean(r['losses']):.4f} | {r['losses'][-1]:.4f} | "
-                  f"{r['tokens_per_s'] / row['trl']['tokens_per_s']:.2f} |")
-        print(f"<!-- {row['method']} losses per step: gsmtune {[round(x, 4) for x in row['gsmtune']['losses']]}, "
-              f"trl {[round(x, 4) for x in row['trl']['losses']]} -->")
+                  f"{statistics.mean(r['losses']):.4f} | {r['losses'][-1]:.4f} | {ratio} |")
+        losses = {side: [round(x, 4) for x in row[side]["losses"]] for side in a.sides.split(",")}
+        print(f"\n{row['method']} losses per step: {losses}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"n": a.n, "args": vars(a) | {"data": str(a.data), "out": str(a.out)}, "table": table},
                                 indent=1, default=str))

@@ -1,6 +1,6 @@
 """Run lm-evaluation-harness's HF backend on a local GSM8K jsonl; runs inside lm-eval's own virtual environment.
 
-Called by bench_eval.py: python lm_eval_worker.py PROBLEMS.jsonl MODEL_DIR BATCH_SIZE MAX_NEW_TOKENS OUT.json
+Called by bench_eval.py: python lm_eval_worker.py PROBLEMS.jsonl MODEL_DIR DTYPE BATCH_SIZE MAX_NEW_TOKENS OUT.json
 """
 
 import json
@@ -32,7 +32,7 @@ metric_list:
 
 
 def main() -> None:
-    problems, model_dir, batch_size, max_new_tokens, out = sys.argv[1:6]
+    problems, model_dir, dtype, batch_size, max_new_tokens, out = sys.argv[1:7]
     start = time.perf_counter()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -42,7 +42,7 @@ def main() -> None:
     task_dir = Path(tempfile.mkdtemp())
     (task_dir / "gsm8k_bench.yaml").write_text(TASK.format(problems=problems, max_new_tokens=max_new_tokens))
     # add_bos_token: Gemma needs its BOS, and gsmtune's prompt carries exactly one
-    lm = HFLM(pretrained=model_dir, dtype="bfloat16", device="cpu", batch_size=int(batch_size), add_bos_token=True)
+    lm = HFLM(pretrained=model_dir, dtype=dtype, device="cpu", batch_size=int(batch_size), add_bos_token=True)
     results = simple_evaluate(model=lm, tasks=["gsm8k_bench"], task_manager=TaskManager(include_path=str(task_dir)),
                               num_fewshot=0, log_samples=True)
     seconds = time.perf_counter() - imported
