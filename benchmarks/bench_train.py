@@ -44,6 +44,7 @@ def gsmtune_worker(a) -> dict:
 
 def trl_worker(a) -> dict:
     """TRL as its docs show it: a model path, a dataset and SFTConfig defaults (bf16, gradient checkpointing, ...)."""
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -62,7 +63,8 @@ def trl_worker(a) -> dict:
     args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size,
                      gradient_accumulation_steps=a.accumulation, max_steps=a.max_steps, learning_rate=LR[a.method],
                      lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
-                     data_seed=cfg.seed, include_num_input_tokens_seen="non_padding", completion_only_loss=True)
+                     data_seed=cfg.seed, include_num_input_tokens_seen="non_padding", completion_only_loss=True,
+                     use_cpu=not torch.cuda.is_available())  # transformers refuses bf16 on CPU without it
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft)
     result = trainer.train()
     return {"seconds": result.metrics["train_runtime"], "tokens": trainer.state.num_input_tokens_seen,
