@@ -113,13 +113,14 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     sampler = _sampler(gen_cfg)
     generator = torch.Generator(device).manual_seed(seed) if sampler is not None else None
     calculator = Calculator(tokenizer, len(prompts)) if gen_cfg.calculator else None
+    joinable = supports_joining(DynamicCache(config=model.config))  # a property of the model: decided once
     waiting = deque(range(len(prompts)))
     tokens: dict[int, list[int]] = {}
     rows: list[int] = []  # the prompt index of each row of the running batch
     cache, mask, logits = None, None, None
     while waiting or rows:
         free = batch_size - len(rows)
-        if waiting and (not rows or (free >= max(1, batch_size // 4) and supports_joining(cache))):
+        if waiting and (not rows or (free >= max(1, batch_size // 4) and joinable)):
             joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
             new_logits, new_cache, new_mask = _prefill(model, [prompts[i] for i in joining], pad_id, device)
             if rows:
@@ -159,7 +160,7 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
             mask = mask[index]
             rows = [rows[pos] for pos in keep]
         padding = int(mask.any(0).long().argmax())  # leading positions that are padding in every row
-        if padding and supports_joining(cache):
+        if padding and joinable:
             trim(cache, mask.shape[1], padding)
             mask = mask[:, padding:]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
