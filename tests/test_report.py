@@ -82,9 +82,11 @@ def test_not_a_run_is_one_line(tmp_path, capsys):
     assert "no runs" in capsys.readouterr().err
 
 
-def test_model_text_is_escaped_and_clipped():
-    from gsmtune.report import _quote
+def test_model_text_is_verbatim_code_clipped_and_escaped_in_html():
+    from gsmtune.report import _quote, markdown_to_html
 
-    assert _quote("write <b>#### 5</b>") == "> write &lt;b&gt;#### 5&lt;/b&gt;"
+    assert _quote("write <<2*3=6>> <b>#### 6</b>") == "    write <<2*3=6>> <b>#### 6</b>"
+    html = markdown_to_html("Completion:\n\n" + _quote("write <<2*3=6>> <b>#### 6</b>"))
+    assert "&lt;&lt;2*3=6&gt;&gt; &lt;b&gt;" in html and "<b>" not in html
     long = _quote("\n".join(f"Answer: {i}" for i in range(50)))
     assert long.count("\n") == 11 and long.endswith(" [...]")

@@ -59,18 +59,14 @@ def write_comparison_csv(runs: list[Run], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _escape(text: str) -> str:
-    """Model text may hold `<...>`: keep markdown/HTML renderers from taking it for a tag."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def _quote(text: str, limit: int = 400, max_lines: int = 12) -> str:
+    """Model text as an indented code block: verbatim in a terminal, and markdown renderers escape its `<<a*b=c>>`."""
     lines = text.strip().splitlines()
     clipped = "\n".join(lines[:max_lines])
     clipped = clipped if len(clipped) <= limit else clipped[:limit]
     if clipped != text.strip():
         clipped += " [...]"
-    return "\n".join("> " + _escape(line) for line in clipped.splitlines()) or "> (empty)"
+    return "\n".join("    " + line for line in clipped.splitlines()) or "    (empty)"
 
 
 def analysis_markdown(run: Run, baseline: Run | None = None, examples: int = 2) -> str:
@@ -99,7 +95,7 @@ def side_by_side_markdown(base: Run, tuned: Run, examples: int = 2) -> str:
     for kind in ("fixed", "broken"):
         for i in changes[kind][:examples]:
             b, t = base.predictions[i], tuned.predictions[i]
-            out += ["", f"**{kind}**: problem {i}: {_escape(b['question'])} (gold {b['gold']})", "",
+            out += ["", f"**{kind}**: problem {i} (gold {b['gold']}):", "", _quote(b["question"], limit=2000), "",
                     f"`{base.name}` (answer {b['extracted_strict']}):", "", _quote(b["completion"]), "",
                     f"`{tuned.name}` (answer {t['extracted_strict']}):", "", _quote(t["completion"])]
     return "\n".join(out)
@@ -215,7 +211,7 @@ def markdown_to_html(md: str) -> str:
 
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
              "margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f0f0f0}"
-             "blockquote{background:#f7f7f7;margin:0.5em 0;padding:4px 10px;font-size:12px;white-space:pre-wrap}"
+             "pre{background:#f7f7f7;margin:0.5em 0;padding:4px 10px;font-size:12px;white-space:pre-wrap}"
              "img{max-width:100%}")
     body = markdown.markdown(md, extensions=["tables"])
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>gsmtune report</title><style>{style}</style>"
