@@ -22,14 +22,18 @@ def test_majority_vote(answers, expected):
     assert majority_vote(answers) == expected
 
 
-def test_self_consistency_run(tiny_model_dir, gsm_dir, tmp_path):
+@pytest.mark.parametrize("calculator", [False, True])
+def test_self_consistency_run(tiny_model_dir, gsm_dir, tmp_path, calculator):
     out = tmp_path / "sc"
     assert main(["eval", "configs/base.yaml", f"model.name={tiny_model_dir}", "dataset.source=local",
                  f"dataset.path={gsm_dir}", "generation.max_new_tokens=6", "generation.batch_size=4",
-                 "generation.num_samples=3", "generation.temperature=1.0", "model.dtype=fp32", f"output_dir={out}"]) == 0
+                 "generation.num_samples=3", "generation.temperature=1.0", "model.dtype=fp32", f"output_dir={out}",
+                 f"generation.calculator={calculator}"]) == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(len(r["samples"]) == 3 and "majority_answer" in r and "correct_pass_at_k" in r for r in rows)
     assert any(len({s["completion"] for s in r["samples"]}) > 1 for r in rows)  # sampled, not greedy copies
     m = json.loads((out / "metrics.json").read_text())
     assert {"accuracy_maj_at_3", "accuracy_pass_at_3", "accuracy_greedy", "ci95_maj_at_3"} <= set(m)
     assert m["accuracy_pass_at_3"] >= m["accuracy_maj_at_3"]
+    assert ("sample_calculator_calls" in m) == calculator  # calculator use in the samples, not only in greedy
+    assert all(isinstance(s["calculator_calls"], int) for r in rows for s in r["samples"])

@@ -103,7 +103,8 @@ def add_samples(row: dict, samples: list) -> dict:
     answers = [extract_strict(c.text) for c in samples]
     majority = majority_vote(answers)
     row["samples"] = [{"completion": c.text, "extracted_strict": a, "correct": answers_match(a, row["gold"]),
-                       "num_tokens": c.num_tokens, "stop_reason": c.stop_reason} for c, a in zip(samples, answers, strict=True)]
+                       "num_tokens": c.num_tokens, "stop_reason": c.stop_reason, "calculator_calls": c.calculator_calls,
+                       "calculator_changed": c.calculator_changed} for c, a in zip(samples, answers, strict=True)]
     row["majority_answer"] = majority
     row["correct_majority"] = answers_match(majority, row["gold"])
     row["correct_pass_at_k"] = any(s["correct"] for s in row["samples"])
@@ -156,6 +157,10 @@ def _extra_metrics(rows: list[dict], cfg: DictConfig) -> dict:
         extra |= {"calculator_calls": sum(r["calculator_calls"] for r in rows),
                   "calculator_changed": sum(r["calculator_changed"] for r in rows),
                   "problems_with_calculator_calls": sum(r["calculator_calls"] > 0 for r in rows)}
+        if cfg.generation.num_samples > 1:
+            samples = [s for r in rows for s in r["samples"]]
+            extra |= {"sample_calculator_calls": sum(s["calculator_calls"] for s in samples),
+                      "sample_calculator_changed": sum(s["calculator_changed"] for s in samples)}
     return extra
 
 
