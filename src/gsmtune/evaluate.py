@@ -187,7 +187,8 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
         prompts = {p.index: build_prompt(p.question, cfg, shots, lm.tokenizer) for p in pending}
         ids = {i: tokenize_prompt(text, lm.tokenizer) for i, text in prompts.items()}
         pending.sort(key=lambda p: len(ids[p.index]))  # similar lengths side by side: less padding when rows join
-        bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc="eval", unit="problem")
+        bar = tqdm(total=len(problems), initial=len(problems) - len(pending), desc="eval", unit="problem",
+                   smoothing=0)  # average rate: self-consistency finishes problems a batch at a time
         tokens, seconds, last = 0, 0.0, time.perf_counter()
         with pred_path.open("a", encoding="utf-8") as f:
             for p, completion, samples in completions(lm, pending, ids, cfg):
