@@ -10,6 +10,7 @@ from gsmtune.analysis import (
     error_report,
     load_run,
     normalize_question,
+    with_votes,
 )
 from gsmtune.answers import answers_match, extract_strict
 from gsmtune.arithmetic import safe_eval
@@ -76,6 +77,19 @@ def test_compare_pair_and_changes(tmp_path):
     assert changes["fixed"] == list(range(2, 10)) and changes["broken"] == [1] and changes["both_right"] == [0]
     report = error_report(base)
     assert report.counts["no_answer"] == 8 and report.rate("no_answer") == 0.8 and len(report.examples["no_answer"]) == 3
+
+
+def test_self_consistency_runs_are_compared_by_their_vote_too(tmp_path):
+    from gsmtune.report import comparison_markdown
+
+    rows = [row(" #### 24" if i == 0 else " no", index=i) | {"correct_majority": i in (1, 2), "majority_answer": "24"}
+            for i in range(4)]
+    greedy, vote = with_votes([write_run(tmp_path / "sc", rows, config="generation:\n  num_samples: 5\n  calculator: true\n")])
+    assert vote.name == "sc maj@5" and vote.metrics["correct"] == 2 and greedy.metrics["correct"] == 1
+    c = compare_pair(greedy, vote)
+    assert (c.only_a, c.only_b, c.both_wrong) == (1, 2, 1)
+    assert vote.method == "? + calculator"
+    assert "| sc maj@5 |" in comparison_markdown([greedy]) and "| sc | sc maj@5 | 4 |" in comparison_markdown([greedy])
 
 
 def test_normalize_question_catches_near_duplicates():

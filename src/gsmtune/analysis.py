@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -36,8 +36,9 @@ class Run:
         if self.train_metrics:
             method = self.train_metrics["method"]
             return "GRPO" if method == "grpo" else f"{method} SFT"
-        p = self.config.get("prompt", {})
-        return p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
+        p, g = self.config.get("prompt", {}), self.config.get("generation", {})
+        return (p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
+                + (" + calculator" if g.get("calculator") else ""))
 
     @property
     def dataset(self) -> str:
@@ -68,6 +69,22 @@ def find_runs(root: str | Path) -> list[Run]:
     if not found:
         raise GsmtuneError(f"no runs (folders with metrics.json and predictions.jsonl) under {root}")
     return [load_run(p, str(p.relative_to(root)) if p != root else p.name) for p in found]
+
+
+def with_votes(runs: list[Run]) -> list[Run]:
+    """Each self-consistency run is followed by its majority vote as a run of its own (`NAME maj@k`), so tables and
+    paired tests put maj@k beside greedy and beside other runs, problem by problem."""
+    out = []
+    for r in runs:
+        out.append(r)
+        k = r.config.get("generation", {}).get("num_samples", 1)
+        if k > 1:
+            votes = {i: p | {"correct": p["correct_majority"], "extracted_strict": p["majority_answer"]}
+                     for i, p in r.predictions.items()}
+            correct = sum(p["correct"] for p in votes.values())
+            out.append(replace(r, name=f"{r.name} maj@{k}", predictions=votes, metrics=r.metrics | {
+                "correct": correct, "accuracy": correct / len(votes), "accuracy_flexible": None}))
+    return out
 
 
 # --- error categories -------------------------------------------------------------------------------------------

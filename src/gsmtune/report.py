@@ -16,6 +16,7 @@ from gsmtune.analysis import (
     contamination,
     error_report,
     summary_rows,
+    with_votes,
 )
 
 
@@ -47,13 +48,14 @@ def pairs_table(runs: list[Run]) -> str:
 
 
 def comparison_markdown(runs: list[Run]) -> str:
+    runs = with_votes(runs)
     return (f"{summary_table(runs)}\n\nPaired differences (each pair on the problems both runs answered; exact McNemar "
             f"test, bootstrap CI over problems):\n\n{pairs_table(runs)}\n")
 
 
 def write_comparison_csv(runs: list[Run], path: Path) -> None:
     with path.open("w", newline="") as f:
-        rows = summary_rows(runs)
+        rows = summary_rows(with_votes(runs))
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
