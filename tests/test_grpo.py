@@ -23,7 +23,7 @@ def test_grpo_steps_on_tiny_model_log_rewards(tiny_model_dir, train_dir, tmp_pat
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["method"] == "grpo" and m["global_step"] == 2
     assert [p["step"] for p in m["reward_curve"]] == [1, 2]
-    assert all("reward" in p and "rewards/correctness_reward/mean" in p for p in m["reward_curve"])
+    assert all({"reward", "rewards/correctness_reward/mean", "frac_reward_zero_std"} <= set(p) for p in m["reward_curve"])
     assert (out / "model" / "adapter_model.safetensors").exists()
 
 

@@ -245,7 +245,9 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "train_loss_mean": result.training_loss,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-        "reward_curve": [{"step": h["step"]} | {k: v for k, v in h.items() if k.startswith("reward")}
+        # frac_reward_zero_std: share of prompts whose completions all scored alike, which give GRPO no gradient
+        "reward_curve": [{"step": h["step"]} | {k: v for k, v in h.items()
+                                                if k.startswith("reward") or k == "frac_reward_zero_std"}
                          for h in history if "reward" in h],
         "train_runtime_seconds": result.metrics.get("train_runtime"),
         "samples_per_second": result.metrics.get("train_samples_per_second"),
