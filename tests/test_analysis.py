@@ -82,10 +82,11 @@ def test_compare_pair_and_changes(tmp_path):
 def test_self_consistency_runs_are_compared_by_their_vote_too(tmp_path):
     from gsmtune.report import comparison_markdown
 
-    rows = [row(" #### 24" if i == 0 else " no", index=i) | {"correct_majority": i in (1, 2), "majority_answer": "24"}
-            for i in range(4)]
+    rows = [row(" #### 24" if i == 0 else " no", index=i)
+            | {"correct_majority": i in (1, 2), "majority_answer": "24" if i in (1, 2) else None} for i in range(4)]
     greedy, vote = with_votes([write_run(tmp_path / "sc", rows, config="generation:\n  num_samples: 5\n  calculator: true\n")])
     assert vote.name == "sc maj@5" and vote.metrics["correct"] == 2 and greedy.metrics["correct"] == 1
+    assert vote.metrics["total"] == 4 and vote.predictions[1]["extracted_strict"] == "24"
     c = compare_pair(greedy, vote)
     assert (c.only_a, c.only_b, c.both_wrong) == (1, 2, 1)
     assert vote.method == "? + calculator"

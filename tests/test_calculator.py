@@ -53,28 +53,52 @@ def test_calculator_counts_no_change_when_the_model_agrees(tiny_tokenizer):
     assert (calc.calls, calc.changed) == ([1], [0])
 
 
-def test_calculator_inside_generate(tiny_model_dir, tiny_tokenizer):
-    """A scripted model writes `<<12*5=` then `99`: the calculator forces `60>>` in row 0; row 1 never calls it."""
+def scripted_model(model_dir, scripts: list[list[int]]):
+    """The tiny model made to write `scripts[row]` token by token (every other token at -1e4, so sampling agrees)."""
     from transformers import AutoModelForCausalLM
 
-    from gsmtune.config import load_config
-    from gsmtune.generation import StopRules, generate
-
-    tok = tiny_tokenizer
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    scripts = [ids(tok, " <<12*5=") + ids(tok, "99 apples"), ids(tok, " 60 apples and more")]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     original, step = model.forward, {"n": 0}
 
     def scripted(*args, **kwargs):
         out = original(*args, **kwargs)
         out.logits[:, -1, :] = -1e4
-        for row, script in enumerate(scripts):
+        for row, script in enumerate(scripts[: out.logits.shape[0]]):
             out.logits[row, -1, script[min(step["n"], len(script) - 1)]] = 0.0
         step["n"] += 1
         return out
 
     model.forward = scripted
+    return model
+
+
+def test_calculator_inside_generate(tiny_model_dir, tiny_tokenizer):
+    """A scripted model writes `<<12*5=` then `99`: the calculator forces `60>>` in row 0; row 1 never calls it."""
+    from gsmtune.config import load_config
+    from gsmtune.generation import StopRules, generate
+
+    tok = tiny_tokenizer
+    scripts = [ids(tok, " <<12*5=") + ids(tok, "99 apples"), ids(tok, " 60 apples and more")]
+    model = scripted_model(tiny_model_dir, scripts)
     gen = load_config(None, ["generation.max_new_tokens=12", "generation.calculator=true"]).generation
     first, second = generate(model, tok, [[tok.bos_token_id, *ids(tok, "Question: x\nAnswer:")]] * 2, gen, StopRules())
     assert first.text.startswith(" <<12*5=60>>") and (first.calculator_calls, first.calculator_changed) == (1, 1)
     assert second.text.startswith(" 60 apples") and second.calculator_calls == 0
+
+
+def test_self_consistency_samples_use_the_calculator(tiny_model_dir, tiny_tokenizer):
+    """The sampled completions of self-consistency go through the calculator too, not only the greedy one."""
+    from types import SimpleNamespace
+
+    from gsmtune.config import load_config
+    from gsmtune.evaluate import sample_completions
+    from gsmtune.generation import StopRules
+
+    tok = tiny_tokenizer
+    script = ids(tok, " <<12*5=") + ids(tok, "99 apples")
+    model = scripted_model(tiny_model_dir, [script] * 2)  # one prompt x k=2 samples: two rows
+    cfg = load_config(None, ["generation.max_new_tokens=12", "generation.calculator=true", "generation.num_samples=2",
+                             "generation.batch_size=2"])
+    lm = SimpleNamespace(model=model, tokenizer=tok)
+    [samples] = sample_completions(lm, [[tok.bos_token_id, *ids(tok, "Question: x\nAnswer:")]], cfg, StopRules(), seed=0)
+    assert all(s.text.startswith(" <<12*5=60>>") and (s.calculator_calls, s.calculator_changed) == (1, 1) for s in samples)

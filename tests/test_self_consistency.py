@@ -37,3 +37,15 @@ def test_self_consistency_run(tiny_model_dir, gsm_dir, tmp_path, calculator):
     assert m["accuracy_pass_at_3"] >= m["accuracy_maj_at_3"]
     assert ("sample_calculator_calls" in m) == calculator  # calculator use in the samples, not only in greedy
     assert all(isinstance(s["calculator_calls"], int) for r in rows for s in r["samples"])
+
+
+def test_older_runs_without_per_sample_calculator_fields_still_score():
+    """A run begun before samples recorded calculator calls resumes: its sample totals are left out, not invented."""
+    from gsmtune.config import load_config
+    from gsmtune.evaluate import _extra_metrics
+
+    cfg = load_config(None, ["generation.num_samples=2", "generation.calculator=true"])
+    row = {"correct": True, "correct_majority": True, "correct_pass_at_k": True, "calculator_calls": 1,
+           "calculator_changed": 0, "samples": [{"completion": " #### 1"}, {"completion": " #### 2"}]}
+    m = _extra_metrics([row], cfg)
+    assert m["calculator_calls"] == 1 and m["accuracy_maj_at_2"] == 1.0 and "sample_calculator_calls" not in m

@@ -78,12 +78,14 @@ def with_votes(runs: list[Run]) -> list[Run]:
     for r in runs:
         out.append(r)
         k = r.config.get("generation", {}).get("num_samples", 1)
-        if k > 1:
-            votes = {i: p | {"correct": p["correct_majority"], "extracted_strict": p["majority_answer"]}
+        if k > 1 and r.predictions:
+            votes = {i: p | {"correct": p["correct_majority"], "extracted_strict": p["majority_answer"],
+                             "extracted_flexible": None, "correct_flexible": None}
                      for i, p in r.predictions.items()}
-            correct = sum(p["correct"] for p in votes.values())
+            correct, total = sum(p["correct"] for p in votes.values()), len(votes)
             out.append(replace(r, name=f"{r.name} maj@{k}", predictions=votes, metrics=r.metrics | {
-                "correct": correct, "accuracy": correct / len(votes), "accuracy_flexible": None}))
+                "correct": correct, "total": total, "accuracy": correct / total,
+                "ci95": list(wilson_ci(correct, total)), "accuracy_flexible": None}))
     return out
 
 

@@ -157,8 +157,8 @@ def _extra_metrics(rows: list[dict], cfg: DictConfig) -> dict:
         extra |= {"calculator_calls": sum(r["calculator_calls"] for r in rows),
                   "calculator_changed": sum(r["calculator_changed"] for r in rows),
                   "problems_with_calculator_calls": sum(r["calculator_calls"] > 0 for r in rows)}
-        if cfg.generation.num_samples > 1:
-            samples = [s for r in rows for s in r["samples"]]
+        samples = [s for r in rows for s in r.get("samples", [])]
+        if samples and all("calculator_calls" in s for s in samples):  # runs begun before 6514217 lack them
             extra |= {"sample_calculator_calls": sum(s["calculator_calls"] for s in samples),
                       "sample_calculator_changed": sum(s["calculator_changed"] for s in samples)}
     return extra

@@ -121,7 +121,7 @@ def accuracy_plot(runs: list[Run]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary_rows(runs)
+    rows = summary_rows(with_votes(runs))
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.6))
     em = [100 * r["em"] for r in rows]
     err = [[100 * (r["em"] - r["ci_low"]) for r in rows], [100 * (r["ci_high"] - r["em"]) for r in rows]]
