@@ -93,5 +93,14 @@ def test_self_consistency_runs_are_compared_by_their_vote_too(tmp_path):
     assert "| sc maj@5 |" in comparison_markdown([greedy]) and "| sc | sc maj@5 | 4 |" in comparison_markdown([greedy])
 
 
+def test_method_names_the_evaluated_models_training_and_dtype(tmp_path):
+    (tmp_path / "lora" / "model").mkdir(parents=True)
+    (tmp_path / "lora" / "train_metrics.json").write_text(json.dumps({"method": "lora"}))
+    run = write_run(tmp_path / "lora_fp32", [row(" #### 24")], config="prompt:\n  strategy: zero_shot\n")
+    assert run.method == "zero-shot"
+    run.metrics |= {"model_path": str(tmp_path / "lora" / "model"), "dtype": "float32"}
+    assert run.method == "lora SFT, zero-shot [float32]"
+
+
 def test_normalize_question_catches_near_duplicates():
     assert normalize_question("Tom has  3 apples.\n") == normalize_question("tom has 12 apples.")

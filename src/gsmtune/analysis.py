@@ -33,17 +33,27 @@ class Run:
 
     @property
     def method(self) -> str:
-        if self.train_metrics:
-            method = self.train_metrics["method"]
-            return "GRPO" if method == "grpo" else f"{method} SFT"
-        p, g = self.config.get("prompt", {}), self.config.get("generation", {})
-        return (p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
-                + (" + calculator" if g.get("calculator") else ""))
+        """What produced the answers: the training (this run's, or that of the model folder it evaluated), the prompt
+        for in-context or re-evaluated runs, the calculator, and the dtype decoding ran in (it moves bf16 results)."""
+        trained = self.train_metrics or _train_metrics_beside(self.metrics.get("model_path"))
+        text = ("GRPO" if trained["method"] == "grpo" else f"{trained['method']} SFT") if trained else ""
+        if not self.train_metrics:
+            p = self.config.get("prompt", {})
+            prompt = p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
+            text = f"{text}, {prompt}" if text else prompt
+        text += " + calculator" if self.config.get("generation", {}).get("calculator") else ""
+        return text + (f" [{self.metrics['dtype']}]" if self.metrics.get("dtype") else "")
 
     @property
     def dataset(self) -> str:
         d = self.config.get("dataset", {})
         return f"{d.get('config_name', '?')} ({d.get('source', '?')})"
+
+
+def _train_metrics_beside(model_path: str | None) -> dict | None:
+    """A trained run keeps its weights in RUN/model next to RUN/train_metrics.json."""
+    f = Path(model_path).parent / "train_metrics.json" if model_path else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:

@@ -169,7 +169,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
 
     `model_path` replaces `model.name` for the weights (a trained run evaluates its own RUN/model folder).
     """
-    from gsmtune.models import load_model
+    from gsmtune.models import load_model, pick_device, pick_dtype
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
 
     start = time.time()
@@ -205,7 +205,9 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
         bar.close()
 
     rows = [done[p.index] for p in problems]
-    metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name}
+    dtype = str(pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))).removeprefix("torch.")
+    metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name,
+                                                                  "dtype": dtype}
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
