@@ -100,6 +100,9 @@ def test_method_names_the_evaluated_models_training_and_dtype(tmp_path):
     assert run.method == "zero-shot"
     run.metrics |= {"model_path": str(tmp_path / "lora" / "model"), "dtype": "float32"}
     assert run.method == "lora SFT, zero-shot [float32]"
+    run.metrics.pop("dtype")
+    run.config["model"] = {"dtype": "fp32"}
+    assert run.method == "lora SFT, zero-shot [fp32]"
 
 
 def test_normalize_question_catches_near_duplicates():

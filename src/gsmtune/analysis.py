@@ -42,7 +42,9 @@ class Run:
             prompt = p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
             text = f"{text}, {prompt}" if text else prompt
         text += " + calculator" if self.config.get("generation", {}).get("calculator") else ""
-        return text + (f" [{self.metrics['dtype']}]" if self.metrics.get("dtype") else "")
+        configured = self.config.get("model", {}).get("dtype", "auto")  # runs from before metrics recorded dtype
+        dtype = self.metrics.get("dtype") or (configured if configured != "auto" else None)
+        return text + (f" [{dtype}]" if dtype else "")
 
     @property
     def dataset(self) -> str:
