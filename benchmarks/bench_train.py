@@ -3,8 +3,11 @@
 Both get the same tokenized rows (the first N GSM8K train problems, `Question: q\\nAnswer:` + answer + EOS, loss on the
 answer), the same effective batch, learning rate and schedule, the same seed (so the same batches in the same order),
 and LoRA gets the same adapter shape. Everything else is each side's default. Each run is its own process.
+Sides: `gsmtune`; `trl` as its users run it; `trl_alloc`, TRL under the same allocator setting as gsmtune.
+Speed is steady state: non-padding tokens from the end of the first optimizer step to the end of the last, over
+that time (the first step, with its warm-up, is excluded).
 
-    python benchmarks/bench_train.py --data ../shared/data/gsm8k --methods lora,full --max-steps 4
+    python benchmarks/bench_train.py --data ../shared/data/gsm8k --methods lora,full
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,20 +35,57 @@ def settings(a) -> list[str]:
             "training.max_seq_length=512"]
 
 
+class StepClock:
+    """A TrainerCallback noting, at the end of every optimizer step, the time and the tokens seen so far."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.times.append(time.perf_counter())
+                clock.tokens.append(int(state.num_input_tokens_seen))
+
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.callback = _Callback()
+
+    def result(self, seconds: float, losses: list[float]) -> dict:
+        steady = (self.tokens[-1] - self.tokens[0]) / (self.times[-1] - self.times[0])
+        return {"seconds": seconds, "tokens": self.tokens[-1], "steady_tokens_per_s": steady,
+                "steady_s_per_step": (self.times[-1] - self.times[0]) / (len(self.times) - 1),
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "losses": losses}
+
+
 def gsmtune_worker(a) -> dict:
+    import gsmtune.training.sft as sft
     from gsmtune.config import load_config
-    from gsmtune.training.sft import run_train
 
+    clock, build = StepClock(), sft.build_trainer
+
+    def timed_build(*args, **kwargs):
+        trainer, path = build(*args, **kwargs)
+        trainer.add_callback(clock.callback)
+        return trainer, path
+
+    sft.build_trainer = timed_build
     out = Path(tempfile.mkdtemp())
-    run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
+    sft.run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
     m = json.loads((out / "train_metrics.json").read_text())
-    return {"seconds": m["train_runtime_seconds"], "tokens": m["tokens_seen"], "peak_rss_gib": m["peak_memory_gib"],
-            "losses": [p["loss"] for p in m["loss_curve"]]}
+    return clock.result(m["train_runtime_seconds"], [p["loss"] for p in m["loss_curve"]]) | {
+        "allocator_keeps_freed_memory": m["allocator_keeps_freed_memory"]}
 
 
-def trl_worker(a) -> dict:
+def trl_worker(a, same_allocator: bool = False) -> dict:
     """TRL as its docs show it: a model path, a dataset and SFTConfig defaults (bf16, gradient checkpointing, ...)."""
     import torch
+
+    from gsmtune.allocator import keep_freed_memory, keeps_freed_memory
+
+    if same_allocator:
+        keep_freed_memory()
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -65,11 +106,12 @@ def trl_worker(a) -> dict:
                      lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
                      data_seed=cfg.seed, include_num_input_tokens_seen="non_padding", completion_only_loss=True,
                      use_cpu=not torch.cuda.is_available())  # transformers refuses bf16 on CPU without it
-    trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft)
+    clock = StepClock()
+    trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
+                         callbacks=[clock.callback])
     result = trainer.train()
-    return {"seconds": result.metrics["train_runtime"], "tokens": trainer.state.num_input_tokens_seen,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+    return clock.result(result.metrics["train_runtime"], [h["loss"] for h in trainer.state.log_history if "loss" in h]) | {
+        "allocator_keeps_freed_memory": keeps_freed_memory()}
 
 
 def run_worker(args: list[str]) -> dict:
@@ -85,20 +127,21 @@ def main() -> None:
     p.add_argument("--data", type=Path, help="folder with GSM8K train.jsonl")
     p.add_argument("--n", type=int, default=256, help="training problems (the first N of train)")
     p.add_argument("--methods", default="lora,full")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accumulation", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=16, help="optimizer steps (16 x 8 x 2 = 256 problems)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=11, help="optimizer steps; the first is excluded from the speed")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sides", default="gsmtune,trl", help="gsmtune alone measures a lever (with key=value overrides)")
+    p.add_argument("--sides", default="gsmtune,trl,trl_alloc",
+                   help="gsmtune alone measures a lever (with key=value overrides)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "train.json")
-    p.add_argument("--worker", choices=["gsmtune", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["gsmtune", "trl", "trl_alloc"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="key=value overrides for the gsmtune side (a lever to measure)")
     a = p.parse_args()
 
     if a.worker:
-        result = (gsmtune_worker if a.worker == "gsmtune" else trl_worker)(a)
+        result = gsmtune_worker(a) if a.worker == "gsmtune" else trl_worker(a, same_allocator=a.worker == "trl_alloc")
         a.out.write_text(json.dumps(result))
         return
 
@@ -114,11 +157,12 @@ def main() -> None:
             runs = []
             for i in range(a.repeats):
                 runs.append(run_worker(["--worker", side, "--method", method, *common, *(a.extra if side == "gsmtune" else [])]))
-                print(f"{method} {side} run {i + 1}: {runs[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
-            median = statistics.median(r["seconds"] for r in runs)
-            row[side] = {"runs": runs, "median_seconds": median, "tokens_per_s": runs[0]["tokens"] / median,
-                         "s_per_step": median / a.max_steps, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs),
-                         "losses": runs[0]["losses"]}
+                print(f"{method} {side} run {i + 1}: {runs[-1]['steady_tokens_per_s']:.1f} tokens/s", file=sys.stderr,
+                      flush=True)
+            row[side] = {"runs": runs, "tokens_per_s": statistics.median(r["steady_tokens_per_s"] for r in runs),
+                         "s_per_step": statistics.median(r["steady_s_per_step"] for r in runs),
+                         "peak_rss_gib": max(r["peak_rss_gib"] for r in runs), "losses": runs[0]["losses"],
+                         "allocator_keeps_freed_memory": runs[0]["allocator_keeps_freed_memory"]}
         table.append(row)
 
     import torch

@@ -16,6 +16,8 @@ from gsmtune.cli import main
 from gsmtune.config import load_config
 from gsmtune.errors import GsmtuneError
 
+GLIBC = sys.platform.startswith("linux")  # where gsmtune.allocator can keep freed memory
+
 
 def overrides(model_dir, data, out, *more):
     return [f"model.name={model_dir}", "dataset.source=local", f"dataset.path={data}", "training.max_steps=4",
@@ -68,6 +70,43 @@ def test_training_reduces_loss(tiny_model_dir, train_dir, tmp_path, method):
     assert m["trainable_parameters"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory_gib"] > 0
     files = {p.name for p in (out / "model").iterdir()}
     assert ("adapter_model.safetensors" if method == "lora" else "model.safetensors") in files
+
+
+def test_default_head_trains_to_trls_losses(tiny_model_dir, train_dir, tmp_path):
+    """The answer-only bf16 output layer (default on CPU) against TRL's own fused head: the same loss curve."""
+    curves = {}
+    for head in (True, False):
+        out = tmp_path / f"head-{head}"
+        assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=6",
+                                                             f"training.answer_head={head}", "training.lora.dropout=0")]) == 0
+        curves[head] = [p["loss"] for p in json.loads((out / "train_metrics.json").read_text())["loss_curve"]]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-2)
+    assert curves[True][0] == pytest.approx(curves[False][0], rel=1e-3)  # same weights, same batch: same first loss
+
+
+def test_answer_head_replaces_trls_only_where_trls_is_slow(tiny_model_dir, train_dir, tmp_path):
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from gsmtune.training.answer_head import needs_answer_head
+
+    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r"))
+    model = make_trainer(cfg, tmp_path).model
+    assert needs_answer_head(torch.device("cpu"))
+    assert model.get_base_model().forward.__func__.__code__.co_filename.endswith("answer_head.py")
+    batch = torch.tensor([[2, 5, 6, 7, 8]])
+    labels = torch.tensor([[-100, -100, 6, 7, 8]])
+    out = model(input_ids=batch, labels=labels, fused_lm_head=True)
+    assert isinstance(out, FusedCausalLMOutput) and out.label_mask.tolist() == [[False, True, True, True]]
+    assert model(input_ids=batch).logits.shape[:2] == (1, 5)  # without fused_lm_head: the model's own forward
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    (None, "cpu", False), (None, "cuda", True), (True, "cpu", True), (False, "cuda", False)])
+def test_gradient_checkpointing_default(setting, device, expected):
+    from gsmtune.training.sft import checkpointing
+
+    cfg = load_config(None, [f"training.gradient_checkpointing={'null' if setting is None else setting}"])
+    assert checkpointing(cfg.training, torch.device(device)) is expected
 
 
 def test_fallback_lines(capsys):
@@ -143,6 +182,7 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True)
     m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
+    assert m["allocator_keeps_freed_memory"] is r["allocator_keeps_freed_memory"] is GLIBC  # the `gsmtune` process
     resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}
     assert max(resumed_steps) == steps
     for p in r["loss_curve"]:
@@ -161,6 +201,7 @@ def test_two_process_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["global_step"] == 3 and m["examples_seen"] == 3 * 4 * 2
+    assert m["allocator_keeps_freed_memory"] is GLIBC  # rank 0 of accelerate launch
     assert (out / "model" / "adapter_model.safetensors").exists()
 
 

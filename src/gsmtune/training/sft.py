@@ -112,6 +112,12 @@ def peft_config(cfg: DictConfig):
                       task_type="CAUSAL_LM")
 
 
+def checkpointing(t: DictConfig, device: torch.device) -> bool:
+    """Gradient checkpointing as configured; unset, off on CPU (recomputing the forward cost ~20% of a LoRA step and
+    host memory is large: 5.7 vs 3.9 GiB peak at batch 4, BENCHMARKS.md) and on elsewhere (GPU memory is the limit)."""
+    return device.type != "cpu" if t.gradient_checkpointing is None else bool(t.gradient_checkpointing)
+
+
 def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device) -> dict[str, Any]:
     """`TrainingArguments` shared by the SFT and GRPO recipes, from the config's `training.*` keys."""
     t = cfg.training
@@ -129,7 +135,7 @@ def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: tor
         "optim": optim,
         "bf16": bf16,
         "use_cpu": device.type == "cpu",
-        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        "activation_checkpointing": checkpointing(t, device),  # transformers 5's name for gradient checkpointing
         "activation_checkpointing_kwargs": {"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
         "logging_steps": t.logging_steps,
         "save_strategy": "steps",
@@ -175,6 +181,7 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
+    from gsmtune.training.answer_head import needs_answer_head, use_answer_head
     from gsmtune.training.sft_data import sft_rows
 
     model, tokenizer, path = load_for_training(cfg, device, bf16)
@@ -185,13 +192,17 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
     callbacks = [EarlyStoppingCallback(patience)] if (val_ds is not None and patience) else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                          peft_config=peft_config(cfg), callbacks=callbacks)
+    if cfg.training.answer_head and needs_answer_head(device):
+        use_answer_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
     return trainer, path
 
 
 def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, save the model (adapter for LoRA) as safetensors in RUN/model, and write RUN/train_metrics.json."""
+    from gsmtune.allocator import keep_freed_memory, keeps_freed_memory
     from gsmtune.data import train_validation_split
 
+    keep_freed_memory()
     start = time.time()
     train_problems, val_problems = train_validation_split(cfg)
     device = pick_device(cfg.model.device)
@@ -258,6 +269,7 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
         "wall_time_seconds": time.time() - start,
         "resumed_from": checkpoint,
+        "allocator_keeps_freed_memory": keeps_freed_memory(),  # probed in the process that trained
     }
     (out / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     return final

@@ -1,0 +1,66 @@
+"""Keep freed memory in the process: with glibc's defaults, page faults were 43% of a CPU training step's time.
+
+glibc serves every allocation above its mmap threshold with a fresh mapping and gives it back to the kernel on free;
+PyTorch allocates and frees tensors of tens to hundreds of MB on every step, so each step faulted them in again (34M
+minor faults in 3 LoRA steps, BENCHMARKS.md). Two `mallopt` calls stop that from inside the process: no re-exec, no
+LD_PRELOAD, no extra package, so it holds for `gsmtune` commands, in-process calls of `run_train` / `run_eval`, and
+every `accelerate launch` rank, on CPU and CUDA alike (it touches host memory only). Where the C library is not glibc
+(macOS, musl, Windows) it does nothing. `GSMTUNE_ALLOCATOR=system` keeps glibc's defaults (to measure the lever).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> str:
+    """Switch glibc to keeping freed memory (idempotent); returns what the process now uses, for run records."""
+    if os.environ.get("GSMTUNE_ALLOCATOR") == "system":
+        return "system default (GSMTUNE_ALLOCATOR=system)"
+    libc = _glibc()
+    if libc is None:
+        return "system default (not glibc)"
+    # no mmap-backed chunks (so no munmap on free) and never trim the heap top: freed memory is reused, not refaulted
+    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, -1) != 1:
+        return "system default (mallopt refused)"
+    return "glibc, freed memory kept (mallopt)"
+
+
+def mmapped_bytes() -> int | None:
+    """Bytes glibc currently holds in mmap-backed chunks (None off glibc): stays flat once keep_freed_memory is on."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().hblkhd)
+
+
+def keeps_freed_memory() -> bool:
+    """Probe, in this process: does a 64 MiB allocation come from the heap rather than from its own mapping?"""
+    import torch
+
+    before = mmapped_bytes()
+    if before is None:
+        return False
+    probe = torch.empty(2**24, dtype=torch.float32)
+    grew = mmapped_bytes() > before
+    del probe
+    return not grew

@@ -1,0 +1,37 @@
+"""The allocator setting: on glibc, freed memory stays in the process (no mapping per big tensor, no refaulting)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gsmtune import allocator
+
+GLIBC = sys.platform.startswith("linux")
+
+
+def run(code: str, **env: str) -> str:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env}).stdout.strip()
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only; elsewhere the setting does nothing")
+def test_big_tensors_come_from_the_heap_once_on():
+    probe = "from gsmtune import allocator as a; print(a.keeps_freed_memory(), end=' '); "
+    assert run(probe + "a.keep_freed_memory(); print(a.keeps_freed_memory())") == "False True"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_the_cli_switches_it_on_and_the_environment_keeps_the_default():
+    code = ("from gsmtune import allocator, cli; rc = cli.main(['eval', 'no-such-config.yaml']); "
+            "print(rc, allocator.keeps_freed_memory())")
+    assert run(code) == "2 True"
+    assert run(code, GSMTUNE_ALLOCATOR="system") == "2 False"
+
+
+def test_off_glibc_it_says_so(monkeypatch):
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert allocator.keep_freed_memory() == "system default (not glibc)"
+    assert allocator.mmapped_bytes() is None and allocator.keeps_freed_memory() is False
