@@ -182,6 +182,7 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
     from trl import SFTTrainer
 
     from gsmtune.training.answer_head import needs_answer_head, use_answer_head
+    from gsmtune.training.forecast import DurationForecast
     from gsmtune.training.sft_data import sft_rows
 
     model, tokenizer, path = load_for_training(cfg, device, bf16)
@@ -190,6 +191,7 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
     args = sft_config(cfg, out, optim, bf16, device, val_ds is not None)
     patience = cfg.training.early_stopping_patience
     callbacks = [EarlyStoppingCallback(patience)] if (val_ds is not None and patience) else []
+    callbacks.append(DurationForecast(sum(map(len, train_ds["input_ids"])), say))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                          peft_config=peft_config(cfg), callbacks=callbacks)
     if cfg.training.answer_head and needs_answer_head(device):
