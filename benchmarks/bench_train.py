@@ -75,14 +75,14 @@ def gsmtune_worker(a) -> dict:
     sft.run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
     m = json.loads((out / "train_metrics.json").read_text())
     return clock.result(m["train_runtime_seconds"], [p["loss"] for p in m["loss_curve"]]) | {
-        "allocator_keeps_freed_memory": m["allocator_keeps_freed_memory"]}
+        "allocator": m["allocator"]}
 
 
 def trl_worker(a, same_allocator: bool = False) -> dict:
     """TRL as its docs show it: a model path, a dataset and SFTConfig defaults (bf16, gradient checkpointing, ...)."""
     import torch
 
-    from gsmtune.allocator import keep_freed_memory, keeps_freed_memory
+    from gsmtune.allocator import keep_freed_memory, status
 
     if same_allocator:
         keep_freed_memory()
@@ -111,7 +111,7 @@ def trl_worker(a, same_allocator: bool = False) -> dict:
                          callbacks=[clock.callback])
     result = trainer.train()
     return clock.result(result.metrics["train_runtime"], [h["loss"] for h in trainer.state.log_history if "loss" in h]) | {
-        "allocator_keeps_freed_memory": keeps_freed_memory()}
+        "allocator": status()}
 
 
 def run_worker(args: list[str]) -> dict:
@@ -138,8 +138,12 @@ def main() -> None:
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="key=value overrides for the gsmtune side (a lever to measure)")
+    p.add_argument("--render", type=Path, help="print the table of a saved result file and exit")
     a = p.parse_args()
 
+    if a.render:
+        render(json.loads(a.render.read_text()))
+        return
     if a.worker:
         result = gsmtune_worker(a) if a.worker == "gsmtune" else trl_worker(a, same_allocator=a.worker == "trl_alloc")
         a.out.write_text(json.dumps(result))
@@ -162,29 +166,43 @@ def main() -> None:
             row[side] = {"runs": runs, "tokens_per_s": statistics.median(r["steady_tokens_per_s"] for r in runs),
                          "s_per_step": statistics.median(r["steady_s_per_step"] for r in runs),
                          "peak_rss_gib": max(r["peak_rss_gib"] for r in runs), "losses": runs[0]["losses"],
-                         "allocator_keeps_freed_memory": runs[0]["allocator_keeps_freed_memory"]}
+                         "allocator": runs[0]["allocator"]}
         table.append(row)
 
     import torch
     import transformers
     import trl
 
-    print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, trl {trl.__version__}; first {a.n} train problems, batch {a.batch_size} x "
-          f"accumulation {a.accumulation}, {a.max_steps} steps, median of {a.repeats}; gsmtune overrides: {a.extra or 'none'}\n")
-    print("| method | side | tokens/s | s/step | peak RSS GiB | mean loss | last loss | x TRL tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in table:
-        for side in a.sides.split(","):
-            r = row[side]
-            ratio = f"{r['tokens_per_s'] / row['trl']['tokens_per_s']:.2f}" if "trl" in row else "-"
-            print(f"| {row['method']} | {side} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.1f} | "
-                  f"{statistics.mean(r['losses']):.4f} | {r['losses'][-1]:.4f} | {ratio} |")
-        losses = {side: [round(x, 4) for x in row[side]["losses"]] for side in a.sides.split(",")}
-        print(f"\n{row['method']} losses per step: {losses}")
+    header = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, trl {trl.__version__}; first {a.n} train problems, batch {a.batch_size} x "
+              f"accumulation {a.accumulation}, {a.max_steps} steps (speed over steps 2-{a.max_steps}), median of "
+              f"{a.repeats}; gsmtune overrides: {a.extra or 'none'}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"n": a.n, "args": vars(a) | {"data": str(a.data), "out": str(a.out)}, "table": table},
-                                indent=1, default=str))
+    a.out.write_text(json.dumps({"n": a.n, "header": header, "args": vars(a) | {"data": str(a.data), "out": str(a.out)},
+                                 "table": table}, indent=1, default=str))
+    render(json.loads(a.out.read_text()))
+
+
+def render(data: dict) -> None:
+    """The markdown table of a saved run (`--render FILE` prints it again)."""
+    print(f"\n{data.get('header', '')}\n")
+    print("| method | side | steady tokens/s | s/step | peak RSS GiB | mean loss | max per-step loss diff vs TRL | x TRL | "
+          "x TRL, same allocator | allocator |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in data["table"]:
+        sides = [k for k in row if k != "method"]
+        for side in sides:
+            r = row[side]
+            ratio = {ref: f"{r['tokens_per_s'] / row[ref]['tokens_per_s']:.2f}" if ref in row else "-"
+                     for ref in ("trl", "trl_alloc")}
+            diff = (f"{max(abs(x - y) / y for x, y in zip(r['losses'], row['trl']['losses'], strict=True)):.2%}"
+                    if "trl" in row else "-")
+            print(f"| {row['method']} | {side} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.1f} | "
+                  f"{statistics.mean(r['losses']):.4f} | {diff} | {ratio['trl']} | {ratio['trl_alloc']} | "
+                  f"{r.get('allocator', r.get('allocator_keeps_freed_memory'))} |")
+        runs = {side: [round(x["steady_tokens_per_s"], 1) for x in row[side]["runs"]] for side in sides}
+        losses = {side: [round(x, 4) for x in row[side]["losses"]] for side in sides}
+        print(f"\n{row['method']} runs (steady tokens/s): {runs}\n{row['method']} losses per step: {losses}\n")
 
 
 if __name__ == "__main__":

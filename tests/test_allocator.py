@@ -26,12 +26,13 @@ def test_big_tensors_come_from_the_heap_once_on():
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_the_cli_switches_it_on_and_the_environment_keeps_the_default():
     code = ("from gsmtune import allocator, cli; rc = cli.main(['eval', 'no-such-config.yaml']); "
-            "print(rc, allocator.keeps_freed_memory())")
-    assert run(code) == "2 True"
-    assert run(code, GSMTUNE_ALLOCATOR="system") == "2 False"
+            "print(rc, allocator.keeps_freed_memory(), allocator.status())")
+    assert run(code) == f"2 True {allocator.KEPT}"
+    assert run(code, GSMTUNE_ALLOCATOR="system") == "2 False system default (GSMTUNE_ALLOCATOR=system)"
 
 
 def test_off_glibc_it_says_so(monkeypatch):
+    monkeypatch.setattr(allocator, "_status", allocator.status())  # restored afterwards
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
-    assert allocator.keep_freed_memory() == "system default (not glibc)"
+    assert allocator.keep_freed_memory() == allocator.status() == "system default (not glibc)"
     assert allocator.mmapped_bytes() is None and allocator.keeps_freed_memory() is False

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import PROBLEMS
 
+from gsmtune.allocator import KEPT
 from gsmtune.cli import main
 from gsmtune.config import load_config
 from gsmtune.errors import GsmtuneError
@@ -182,7 +183,7 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True)
     m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
-    assert m["allocator_keeps_freed_memory"] is r["allocator_keeps_freed_memory"] is GLIBC  # the `gsmtune` process
+    assert (m["allocator"] == r["allocator"] == KEPT) is GLIBC  # in the `gsmtune` process that trained
     resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}
     assert max(resumed_steps) == steps
     for p in r["loss_curve"]:
@@ -201,7 +202,7 @@ def test_two_process_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["global_step"] == 3 and m["examples_seen"] == 3 * 4 * 2
-    assert m["allocator_keeps_freed_memory"] is GLIBC  # rank 0 of accelerate launch
+    assert (m["allocator"] == KEPT) is GLIBC  # in rank 0 of accelerate launch
     assert (out / "model" / "adapter_model.safetensors").exists()
 
 

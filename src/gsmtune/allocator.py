@@ -15,6 +15,7 @@ import ctypes.util
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_status = "system default (keep_freed_memory not called)"
 
 
 class _MallInfo2(ctypes.Structure):
@@ -32,16 +33,27 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory() -> str:
-    """Switch glibc to keeping freed memory (idempotent); returns what the process now uses, for run records."""
-    if os.environ.get("GSMTUNE_ALLOCATOR") == "system":
-        return "system default (GSMTUNE_ALLOCATOR=system)"
+    """Switch glibc to keeping freed memory (idempotent); returns what the process now uses (also `status()`)."""
+    global _status
     libc = _glibc()
-    if libc is None:
-        return "system default (not glibc)"
+    if os.environ.get("GSMTUNE_ALLOCATOR") == "system":
+        _status = "system default (GSMTUNE_ALLOCATOR=system)"
+    elif libc is None:
+        _status = "system default (not glibc)"
     # no mmap-backed chunks (so no munmap on free) and never trim the heap top: freed memory is reused, not refaulted
-    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, -1) != 1:
-        return "system default (mallopt refused)"
-    return "glibc, freed memory kept (mallopt)"
+    elif libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1:
+        _status = KEPT
+    else:
+        _status = "system default (mallopt refused)"
+    return _status
+
+
+KEPT = "glibc, freed memory kept (mallopt)"
+
+
+def status() -> str:
+    """What this process's allocator does, as glibc accepted it: recorded in train_metrics.json."""
+    return _status
 
 
 def mmapped_bytes() -> int | None:
@@ -54,7 +66,10 @@ def mmapped_bytes() -> int | None:
 
 
 def keeps_freed_memory() -> bool:
-    """Probe, in this process: does a 64 MiB allocation come from the heap rather than from its own mapping?"""
+    """Probe, in this process: does a 64 MiB allocation come from the heap rather than from its own mapping?
+
+    Conclusive in a fresh process only: glibc's defaults also serve it from the heap when a big enough chunk is free.
+    """
     import torch
 
     before = mmapped_bytes()
