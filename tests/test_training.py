@@ -101,11 +101,14 @@ def test_answer_head_replaces_trls_only_where_trls_is_slow(tiny_model_dir, train
     assert model(input_ids=batch).logits.shape[:2] == (1, 5)  # without fused_lm_head: the model's own forward
 
 
-@pytest.mark.parametrize(("setting", "device", "expected"), [
-    (None, "cpu", False), (None, "cuda", True), (True, "cpu", True), (False, "cuda", False)])
-def test_gradient_checkpointing_default(setting, device, expected):
+@pytest.mark.parametrize(("setting", "device", "ram", "expected"), [
+    (None, "cpu", 24, False), (None, "cpu", 16, True), (None, "cuda", 64, True), (True, "cpu", 64, True),
+    (False, "cuda", 8, False)])
+def test_gradient_checkpointing_default(monkeypatch, setting, device, ram, expected):
+    from gsmtune.training import sft
     from gsmtune.training.sft import checkpointing
 
+    monkeypatch.setattr(sft, "physical_memory_gib", lambda: ram)
     cfg = load_config(None, [f"training.gradient_checkpointing={'null' if setting is None else setting}"])
     assert checkpointing(cfg.training, torch.device(device)) is expected
 

@@ -105,7 +105,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 2
     optim: str = "adamw_bnb_8bit"  # falls back to adamw_torch without CUDA
     bf16: bool = True  # falls back to fp32 where the hardware has no bf16
-    gradient_checkpointing: bool | None = None  # None: off on CPU (faster; memory measured in BENCHMARKS.md), on elsewhere
+    gradient_checkpointing: bool | None = None  # None: off on CPUs with >= 20 GiB RAM (faster; BENCHMARKS.md), else on
     answer_head: bool = True  # output layer on answer tokens only, in bf16 (softmax fp32), where TRL's own head cannot
     max_seq_length: int = 512
     logging_steps: int = 10

@@ -112,10 +112,19 @@ def peft_config(cfg: DictConfig):
                       task_type="CAUSAL_LM")
 
 
+CHECKPOINTING_OFF_MIN_RAM_GIB = 20  # peaks measured with it off, batch 8, longest GSM8K rows: LoRA 11.2, full 14.1 GiB
+
+
+def physical_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def checkpointing(t: DictConfig, device: torch.device) -> bool:
-    """Gradient checkpointing as configured; unset, off on CPU (recomputing the forward cost ~20% of a LoRA step and
-    host memory is large: 5.7 vs 3.9 GiB peak at batch 4, BENCHMARKS.md) and on elsewhere (GPU memory is the limit)."""
-    return device.type != "cpu" if t.gradient_checkpointing is None else bool(t.gradient_checkpointing)
+    """Gradient checkpointing as configured; unset, off on CPUs with >= 20 GiB of RAM (recomputing the forward costs
+    time, and the measured peaks without it fit: BENCHMARKS.md) and on elsewhere (GPU memory is the limit)."""
+    if t.gradient_checkpointing is not None:
+        return bool(t.gradient_checkpointing)
+    return device.type != "cpu" or physical_memory_gib() < CHECKPOINTING_OFF_MIN_RAM_GIB
 
 
 def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device) -> dict[str, Any]:
