@@ -140,7 +140,8 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="key=value overrides for the gsmtune side (a lever to measure)")
     p.add_argument("--render", type=Path, help="print the table of a saved result file and exit")
     a = p.parse_args()
-
+    if a.max_steps < 2:
+        p.error("--max-steps must be at least 2 (the first step is not timed)")
     if a.render:
         render(json.loads(a.render.read_text()))
         return

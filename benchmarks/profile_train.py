@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="also write the table as json here")
     p.add_argument("extra", nargs="*", help="key=value overrides (a lever on or off)")
     a = p.parse_args()
+    if a.steps < 2:
+        p.error("--steps must be at least 2 (the first is not profiled)")
 
     import torch
     from transformers import TrainerCallback
@@ -106,6 +108,8 @@ def main() -> None:
         seconds[group_of(event)] += event.self_cpu_time_total / 1e6
     steps = a.steps - 1
     tokens = marks["tokens1"] - marks["tokens0"]
+    # op time is per calling thread (it includes faults taken inside ops); kernel time is system CPU time over all
+    # threads: read them as two views, the share column as a rough split
     rows = sorted(seconds.items(), key=lambda kv: -kv[1]) + [("kernel (system) time: page faults, mostly", s1 - s0)]
     total = sum(v for _, v in rows)
     print(f"\n{a.method}, overrides {a.extra or 'none'}; {steps} profiled steps, {tokens} tokens, wall {w1 - w0:.1f} s "

@@ -50,3 +50,15 @@ def test_products_run_in_the_autocast_dtype():
         finally:
             torch.Tensor.__matmul__ = real_mm
     assert seen == [torch.bfloat16] and log_probs.dtype == torch.float32
+
+
+def test_metrics_stay_float32_under_autocast():
+    """Entropy and log-probabilities from the bf16 logits, computed in float32 (not rounded to bf16 by autocast)."""
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(5, 16), torch.randn(300, 16), torch.randint(0, 300, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs, entropy, _ = answer_head._AnswerLogProbs.apply(hidden, weight, targets)
+    ref = reference(hidden.bfloat16(), weight.bfloat16(), targets)  # the same bf16 logits, softmax in float32
+    assert entropy.dtype == log_probs.dtype == torch.float32
+    torch.testing.assert_close(entropy, ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_probs, ref[0], rtol=1e-5, atol=1e-5)

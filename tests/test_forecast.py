@@ -11,7 +11,7 @@ def run(steps, max_steps, total_tokens, epochs=1.0, arg_max_steps=-1, tokens_per
     said, clock = [], iter([sum(seconds[: i + 1]) for i in range(len(seconds))])
     cb = forecast.DurationForecast(total_tokens, said.append)
     args = SimpleNamespace(num_train_epochs=epochs, max_steps=arg_max_steps)
-    state = SimpleNamespace(global_step=0, max_steps=max_steps, num_input_tokens_seen=0)
+    state = SimpleNamespace(global_step=0, max_steps=max_steps, num_input_tokens_seen=0, is_world_process_zero=True)
     cb.on_train_begin(args, state, None)
     real = forecast.time.perf_counter
     forecast.time.perf_counter = lambda: next(clock)
@@ -33,6 +33,10 @@ def test_forecast_from_steady_steps_and_tokens_left():
 def test_forecast_bounded_by_max_steps():
     said = run(steps=4, max_steps=400, total_tokens=10**9, arg_max_steps=400, tokens_per_step=1000)
     assert said[0].startswith("expected: about 1 h 06 min more (0.40M tokens")  # 397 steps x 1,000 tokens at 100/s
+
+
+def test_no_forecast_without_tokens():
+    assert run(steps=4, max_steps=100, total_tokens=10_000, tokens_per_step=0) == []
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(30, "1 min"), (3 * 3600 + 20 * 60, "3 h 20 min")])

@@ -73,13 +73,15 @@ def test_training_reduces_loss(tiny_model_dir, train_dir, tmp_path, method):
     assert ("adapter_model.safetensors" if method == "lora" else "model.safetensors") in files
 
 
-def test_default_head_trains_to_trls_losses(tiny_model_dir, train_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_default_head_trains_to_trls_losses(tiny_model_dir, train_dir, tmp_path, method):
     """The answer-only bf16 output layer (default on CPU) against TRL's own fused head: the same loss curve."""
     curves = {}
     for head in (True, False):
         out = tmp_path / f"head-{head}"
         assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=6",
-                                                             f"training.answer_head={head}", "training.lora.dropout=0")]) == 0
+                                                             f"training.answer_head={head}", "training.lora.dropout=0",
+                                                             f"training.method={method}")]) == 0
         curves[head] = [p["loss"] for p in json.loads((out / "train_metrics.json").read_text())["loss_curve"]]
     assert curves[True] == pytest.approx(curves[False], rel=1e-2)
     assert curves[True][0] == pytest.approx(curves[False][0], rel=1e-3)  # same weights, same batch: same first loss

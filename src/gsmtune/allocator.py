@@ -33,7 +33,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory() -> str:
-    """Switch glibc to keeping freed memory (idempotent); returns what the process now uses (also `status()`)."""
+    """Switch glibc to keeping freed memory (idempotent); returns what the process now uses (also `status()`).
+
+    Called by CPU runs only: on a GPU run the big tensors live in device memory, and keeping host memory would hold
+    loading buffers for the whole run."""
     global _status
     libc = _glibc()
     if os.environ.get("GSMTUNE_ALLOCATOR") == "system":
@@ -41,10 +44,9 @@ def keep_freed_memory() -> str:
     elif libc is None:
         _status = "system default (not glibc)"
     # no mmap-backed chunks (so no munmap on free) and never trim the heap top: freed memory is reused, not refaulted
-    elif libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1:
-        _status = KEPT
     else:
-        _status = "system default (mallopt refused)"
+        mmap_off, trim_off = libc.mallopt(_M_MMAP_MAX, 0) == 1, libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+        _status = KEPT if mmap_off and trim_off else f"partly kept (mallopt: mmap off {mmap_off}, trim off {trim_off})"
     return _status
 
 

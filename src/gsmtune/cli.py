@@ -187,9 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gsmtune.allocator import keep_freed_memory
-
-    keep_freed_memory()  # before any model or tensor: see allocator.py
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting key=value overrides at the first flag; gather the ones after it too

@@ -150,7 +150,8 @@ CHOICES = {
 }
 # Keys that change speed, not results: a resumed run may differ in these.
 RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
-                "sweep.space", "sweep.study_name")
+                "sweep.space", "sweep.study_name",
+                "training.gradient_checkpointing", "training.answer_head")  # how a run goes, not what it learns
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:

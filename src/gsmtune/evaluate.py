@@ -173,7 +173,8 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     from gsmtune.models import load_model, pick_device, pick_dtype
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
 
-    keep_freed_memory()
+    if pick_device(cfg.model.device).type == "cpu":
+        keep_freed_memory()  # before the model loads: see allocator.py
     start = time.time()
     problems = load_eval_problems(cfg)
     train = load_split(cfg.dataset, "train") if cfg.prompt.strategy == "few_shot" else None

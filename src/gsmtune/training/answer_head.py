@@ -28,7 +28,13 @@ class _AnswerLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):  # dtypes chosen here: bf16 product, float32 softmax and metrics
+            return _AnswerLogProbs._forward(ctx, hidden, weight, targets, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
         h, w = hidden.to(dtype), weight.to(dtype)
         n, vocab = h.shape[0], w.shape[0]
         probs = torch.empty(n, vocab, dtype=torch.float32, device=h.device)

@@ -30,10 +30,12 @@ class DurationForecast(TrainerCallback):
             self.start = (step, now, seen)
         elif self.start and step == self.start[0] + self.measure and state.max_steps > step:
             s0, t0, n0 = self.start
-            per_step, rate = (now - t0) / (step - s0), (seen - n0) / (now - t0)
+            self.start = None
+            per_step, rate = (now - t0) / (step - s0), (seen - n0) / max(now - t0, 1e-9)
+            if rate <= 0 or not state.is_world_process_zero:
+                return
             # tokens left: by optimizer steps left when max_steps bounds the run, else by the rows left in the epochs
             by_steps = (state.max_steps - step) * (seen - n0) / (step - s0)
             left = min(by_steps, max(self.total_tokens * args.num_train_epochs - seen, 0)) if args.max_steps <= 0 else by_steps
             self.say(f"expected: about {duration(left / rate)} more ({left / 1e6:.2f}M tokens to train at {rate:.0f} tokens/s "
                      f"measured over steps {s0 + 1}-{step}, {per_step:.1f} s/step; {state.max_steps} steps in all)")
-            self.start = None

@@ -116,7 +116,17 @@ CHECKPOINTING_OFF_MIN_RAM_GIB = 20  # peaks measured with it off, batch 8, longe
 
 
 def physical_memory_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    """RAM this process may use: the machine's, capped by a cgroup (container) limit; 0 where unknown (Windows)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0.0
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            ram = min(ram, int(Path(limit).read_text().split()[0]))
+        except (OSError, ValueError):  # no such file, or "max"
+            continue
+    return ram / 2**30
 
 
 def checkpointing(t: DictConfig, device: torch.device) -> bool:
@@ -214,10 +224,11 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     from gsmtune.allocator import status as allocator_status
     from gsmtune.data import train_validation_split
 
-    keep_freed_memory()
     start = time.time()
-    train_problems, val_problems = train_validation_split(cfg)
     device = pick_device(cfg.model.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # before the model loads: see allocator.py
+    train_problems, val_problems = train_validation_split(cfg)
     optim, bf16 = choose_runtime(cfg.training, device)
     if is_main_process():
         out = prepare_run_dir(cfg, resume, overwrite)
