@@ -59,21 +59,35 @@ class StepClock:
                 "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "losses": losses}
 
 
-def gsmtune_worker(a) -> dict:
+def first_problems(data: Path, n: int) -> Path:
+    """A folder whose train.jsonl holds the first `n` GSM8K train problems of `data`."""
+    folder = Path(tempfile.mkdtemp())
+    with (data / "train.jsonl").open() as f:
+        (folder / "train.jsonl").write_text("".join(next(f) for _ in range(n)))
+    return folder
+
+
+def train_gsmtune(a, callback) -> Path:
+    """`run_train` on the benchmark's setting plus `a.extra`, with `callback` added to its trainer; the run folder."""
     import gsmtune.training.sft as sft
     from gsmtune.config import load_config
 
-    clock, build = StepClock(), sft.build_trainer
+    build = sft.build_trainer
 
-    def timed_build(*args, **kwargs):
+    def build_with_callback(*args, **kwargs):
         trainer, path = build(*args, **kwargs)
-        trainer.add_callback(clock.callback)
+        trainer.add_callback(callback)
         return trainer, path
 
-    sft.build_trainer = timed_build
+    sft.build_trainer = build_with_callback
     out = Path(tempfile.mkdtemp())
     sft.run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
-    m = json.loads((out / "train_metrics.json").read_text())
+    return out
+
+
+def gsmtune_worker(a) -> dict:
+    clock = StepClock()
+    m = json.loads((train_gsmtune(a, clock.callback) / "train_metrics.json").read_text())
     return clock.result(m["train_runtime_seconds"], [p["loss"] for p in m["loss_curve"]]) | {
         "allocator": m["allocator"]}
 
@@ -150,9 +164,7 @@ def main() -> None:
         a.out.write_text(json.dumps(result))
         return
 
-    folder = Path(tempfile.mkdtemp())
-    with (a.data / "train.jsonl").open() as f:
-        (folder / "train.jsonl").write_text("".join(next(f) for _ in range(a.n)))
+    folder = first_problems(a.data, a.n)
     common = ["--batch-size", str(a.batch_size), "--accumulation", str(a.accumulation), "--max-steps", str(a.max_steps),
               "--folder", str(folder)]
     table = []
@@ -200,7 +212,7 @@ def render(data: dict) -> None:
                     if "trl" in row else "-")
             print(f"| {row['method']} | {side} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.1f} | {r['peak_rss_gib']:.1f} | "
                   f"{statistics.mean(r['losses']):.4f} | {diff} | {ratio['trl']} | {ratio['trl_alloc']} | "
-                  f"{r.get('allocator', r.get('allocator_keeps_freed_memory'))} |")
+                  f"{r['allocator']} |")
         runs = {side: [round(x["steady_tokens_per_s"], 1) for x in row[side]["runs"]] for side in sides}
         losses = {side: [round(x, 4) for x in row[side]["losses"]] for side in sides}
         print(f"\n{row['method']} runs (steady tokens/s): {runs}\n{row['method']} losses per step: {losses}\n")

@@ -15,7 +15,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -49,7 +48,7 @@ def group_of(event) -> str:
 
 
 def main() -> None:
-    from bench_train import settings
+    from bench_train import first_problems, train_gsmtune
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
@@ -67,13 +66,7 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    import gsmtune.training.sft as sft
-    from gsmtune.config import load_config
-
-    folder = Path(tempfile.mkdtemp())
-    with (a.data / "train.jsonl").open() as f:
-        (folder / "train.jsonl").write_text("".join(next(f) for _ in range(a.n)))
-    a.folder, a.max_steps = folder, a.steps
+    a.folder, a.max_steps = first_problems(a.data, a.n), a.steps
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     marks: dict[str, float] = {}
 
@@ -91,16 +84,7 @@ def main() -> None:
             profiler.__exit__(None, None, None)
             marks["end"], marks["tokens1"] = usage(), state.num_input_tokens_seen
 
-    build = sft.build_trainer
-
-    def profiled_build(*args, **kwargs):
-        trainer, path = build(*args, **kwargs)
-        trainer.add_callback(Window())
-        return trainer, path
-
-    sft.build_trainer = profiled_build
-    out = Path(tempfile.mkdtemp())
-    sft.run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
+    train_gsmtune(a, Window())
 
     (w0, u0, s0, f0), (w1, u1, s1, f1) = marks["start"], marks["end"]
     seconds = defaultdict(float)

@@ -6,9 +6,12 @@ Nothing here touches the network or ../shared: a fresh clone runs these tests of
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+
+GLIBC = sys.platform.startswith("linux")  # where gsmtune.allocator can keep freed memory
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"

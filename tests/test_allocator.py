@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import GLIBC
 
 from gsmtune import allocator
-
-GLIBC = sys.platform.startswith("linux")
 
 
 def run(code: str, **env: str) -> str:

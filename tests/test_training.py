@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROBLEMS
+from conftest import GLIBC, PROBLEMS
 
 from gsmtune.allocator import KEPT
 from gsmtune.cli import main
 from gsmtune.config import load_config
 from gsmtune.errors import GsmtuneError
-
-GLIBC = sys.platform.startswith("linux")  # where gsmtune.allocator can keep freed memory
 
 
 def overrides(model_dir, data, out, *more):

@@ -1,20 +1,22 @@
-"""Keep freed memory in the process: with glibc's defaults, page faults were 43% of a CPU training step's time.
+"""Keep freed memory in the process: with glibc's defaults, page faults were 37% of a CPU LoRA step's time.
 
 glibc serves every allocation above its mmap threshold with a fresh mapping and gives it back to the kernel on free;
-PyTorch allocates and frees tensors of tens to hundreds of MB on every step, so each step faulted them in again (34M
-minor faults in 3 LoRA steps, BENCHMARKS.md). Two `mallopt` calls stop that from inside the process: no re-exec, no
-LD_PRELOAD, no extra package, so it holds for `gsmtune` commands, in-process calls of `run_train` / `run_eval`, and
-every `accelerate launch` rank, on CPU and CUDA alike (it touches host memory only). Where the C library is not glibc
-(macOS, musl, Windows) it does nothing. `GSMTUNE_ALLOCATOR=system` keeps glibc's defaults (to measure the lever).
+PyTorch allocates and frees tensors of tens to hundreds of MB on every step, so each step faulted them in again (2.66M
+minor faults a LoRA step, BENCHMARKS.md). Two `mallopt` calls stop that from inside the process: no re-exec, no
+LD_PRELOAD, no extra package. CPU runs call it before their model loads (`run_train` / `run_eval`, so every `gsmtune`
+command, in-process call and `accelerate launch` rank); GPU runs do not. Where the C library is not glibc (macOS,
+musl, Windows) it does nothing. `GSMTUNE_ALLOCATOR=system` keeps glibc's defaults (to measure the lever).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+KEPT = "glibc, freed memory kept (mallopt)"
 _status = "system default (keep_freed_memory not called)"
 
 
@@ -23,6 +25,7 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -48,9 +51,6 @@ def keep_freed_memory() -> str:
         mmap_off, trim_off = libc.mallopt(_M_MMAP_MAX, 0) == 1, libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
         _status = KEPT if mmap_off and trim_off else f"partly kept (mallopt: mmap off {mmap_off}, trim off {trim_off})"
     return _status
-
-
-KEPT = "glibc, freed memory kept (mallopt)"
 
 
 def status() -> str:

@@ -173,7 +173,8 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     from gsmtune.models import load_model, pick_device, pick_dtype
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
 
-    if pick_device(cfg.model.device).type == "cpu":
+    device = pick_device(cfg.model.device)
+    if device.type == "cpu":
         keep_freed_memory()  # before the model loads: see allocator.py
     start = time.time()
     problems = load_eval_problems(cfg)
@@ -208,7 +209,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
         bar.close()
 
     rows = [done[p.index] for p in problems]
-    dtype = str(pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))).removeprefix("torch.")
+    dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name,
                                                                   "dtype": dtype}
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Why by hand: TRL's fused head scores only answer positions where Triton runs (CUDA/XPU); elsewhere it scores every
 position, prompt and padding included, and runs its products in float32 (`trl/kernels/chunked_logprob.py`). On this
-project's CPU that was 59% of a LoRA step (BENCHMARKS.md), with bf16 products 3-7x faster than float32 ones. This
+project's CPU that was 44-47% of a LoRA step's time (BENCHMARKS.md), where bf16 products are 2-7x faster than float32
+ones, depending on the CPU. This
 module replaces only that kernel, where TRL would take its slow path; TRL's loss, metrics and everything else stay.
 The arithmetic is transformers' own loss: logits in the compute dtype, log-softmax in float32.
 """
