@@ -31,17 +31,21 @@ def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def text(tok, row):
+    return tok.decode(row, skip_special_tokens=True)
+
+
 def test_calculator_forces_only_the_row_that_calls(tiny_tokenizer):
     tok = tiny_tokenizer
     calc = Calculator(tok, batch_size=2)
     rows = [ids(tok, " so <<(3+4)*2="), ids(tok, " so 3+4=")]
     expected = ids(tok, "14>>")
     for want in expected:
-        rows[0].append(calc.next_token(0, rows[0], chosen=5))  # the "model" would write token 5 everywhere
-        rows[1].append(calc.next_token(1, rows[1], chosen=5))
+        rows[0].append(calc.next_token(0, text(tok, rows[0]), chosen=5))  # the "model" would write token 5 everywhere
+        rows[1].append(calc.next_token(1, text(tok, rows[1]), chosen=5))
         assert rows[0][-1] == want and rows[1][-1] == 5
     assert calc.calls == [1, 0] and calc.changed == [1, 0]
-    assert calc.next_token(0, rows[0], chosen=5) == 5  # call finished: nothing more is forced
+    assert calc.next_token(0, text(tok, rows[0]), chosen=5) == 5  # call finished: nothing more is forced
 
 
 def test_calculator_counts_no_change_when_the_model_agrees(tiny_tokenizer):
@@ -49,7 +53,7 @@ def test_calculator_counts_no_change_when_the_model_agrees(tiny_tokenizer):
     calc = Calculator(tok, batch_size=1)
     row = ids(tok, "<<48/2=")
     for want in ids(tok, "24>>"):
-        row.append(calc.next_token(0, row, chosen=want))
+        row.append(calc.next_token(0, text(tok, row), chosen=want))
     assert (calc.calls, calc.changed) == ([1], [0])
 
 
@@ -81,7 +85,8 @@ def test_calculator_inside_generate(tiny_model_dir, tiny_tokenizer):
     scripts = [ids(tok, " <<12*5=") + ids(tok, "99 apples"), ids(tok, " 60 apples and more")]
     model = scripted_model(tiny_model_dir, scripts)
     gen = load_config(None, ["generation.max_new_tokens=12", "generation.calculator=true"]).generation
-    first, second = generate(model, tok, [[tok.bos_token_id, *ids(tok, "Question: x\nAnswer:")]] * 2, gen, StopRules())
+    prompts = [[tok.bos_token_id, *ids(tok, f"Question: {x}\nAnswer:")] for x in "xy"]  # distinct: one prefill row each
+    first, second = generate(model, tok, prompts, gen, StopRules())
     assert first.text.startswith(" <<12*5=60>>") and (first.calculator_calls, first.calculator_changed) == (1, 1)
     assert second.text.startswith(" 60 apples") and second.calculator_calls == 0
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gsmtune.generation import Completion, StopRules, _finish, generate, left_pad, stop_token_ids
+from gsmtune.generation import Completion, RowText, StopRules, _finish, generate, left_pad, stop_token_ids
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,28 @@ def test_stop_rules(text, expected):
 def test_stop_rules_can_be_switched_off():
     assert StopRules(at_answer=False).find("#### 7\n") is None
     assert StopRules(at_new_question=False).find("x\nQuestion: y") is None
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("gemma", marks=pytest.mark.slow)])
+def test_row_text_is_the_whole_row_decoded(which, tiny_tokenizer):
+    """After every token, RowText's text is the whole-row decode (less a trailing incomplete character): a byte-level
+    BPE, and Gemma's tokenizer (byte fallback, a space per word piece); random ids include specials and split bytes."""
+    if which == "tiny":
+        tok = tiny_tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        from gsmtune.models import bundled_model_path
+
+        tok = AutoTokenizer.from_pretrained(bundled_model_path("gemma-3-270m"))
+    text = "Sam had $1,200 = <<1200/2=600>>600 \u2014 caf\u00e9 \u4e2d\u6587 \U0001f600.\n#### 750\nQuestion:"
+    random = torch.randint(0, len(tok), (100, 30), generator=torch.Generator().manual_seed(0)).tolist()
+    for tokens in [tok(text, add_special_tokens=False)["input_ids"], *random]:
+        row = RowText(tok)
+        for token in tokens:
+            row.append(token)
+            full = tok.decode(row.tokens, skip_special_tokens=True)
+            assert row.text == full or (full.endswith("\ufffd") and full.startswith(row.text)), (row.tokens, row.text)
 
 
 def test_left_pad():
@@ -139,3 +161,27 @@ def test_continuous_batching_matches_one_by_one(tiny_tokenizer, monkeypatch):
     together = dict(generation.stream(model, tok, prompts, gen, none, batch_size=2))
     assert [together[i] for i in range(len(prompts))] == alone
     assert seen["join"] >= 1 and seen["trim"] >= 1 and seen["timeline"] > 6
+
+
+def test_a_repeated_prompt_is_prefilled_once(tiny_model_dir, tiny_tokenizer):
+    """Self-consistency's k copies of a prompt share one prefill; each copy still decodes as the prompt alone."""
+    from transformers import AutoModelForCausalLM
+
+    from gsmtune.config import load_config
+
+    tok = tiny_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    gen = load_config(None, ["generation.max_new_tokens=8"]).generation
+    a, b = ([tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in ["Question: 7\nAnswer:", "Q: 12"])
+    original, rows_fed = model.forward, []
+
+    def counting(*args, **kwargs):
+        rows_fed.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    together = generate(model, tok, [a, b, a, a], gen, StopRules(False, False))
+    assert rows_fed[0][0] == 2  # two distinct prompts prefilled, four rows decoded
+    assert rows_fed[1][0] == 4
+    model.forward = original
+    assert together == [generate(model, tok, [p], gen, StopRules(False, False))[0] for p in (a, b, a, a)]

@@ -38,10 +38,10 @@ class Calculator:
         self.changed = [0] * batch_size
         self._overrode = [False] * batch_size
 
-    def next_token(self, row: int, generated: list[int], chosen: int) -> int:
-        """The token `row` writes next: the forced one inside a call, else the model's `chosen` token."""
+    def next_token(self, row: int, generated: str, chosen: int) -> int:
+        """The token `row` writes next after its text so far: the forced one inside a call, else the model's `chosen`."""
         if not self.queue[row]:
-            forced = pending_result(self.tokenizer.decode(generated, skip_special_tokens=True))
+            forced = pending_result(generated)
             if forced is None:
                 return chosen
             self.queue[row] = self.tokenizer(forced, add_special_tokens=False)["input_ids"]

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
-from gsmtune.kv_cache import join, supports_joining, trim
+from gsmtune.kv_cache import join, new_cache, supports_joining, trim
 
 _NEW_QUESTION = re.compile(r"\n\s*Question:")
 _ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
@@ -36,6 +36,30 @@ class StopRules:
         if self.at_answer and (m := _ANSWER_LINE.search(text)):
             hits.append((m.end() - 1, "answer_line"))
         return min(hits) if hits else None
+
+
+class RowText:
+    """A row's generated tokens and their text, extended per token by decoding only the last few tokens.
+
+    Decoding the whole row at every step (for the stop rules and the calculator) cost more than the model's step at
+    long rows. The two-offset scheme is vLLM's incremental detokenizer: the text two decodes of a short window differ
+    by is appended once it no longer ends in an incomplete character. The text equals decoding all tokens at once.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self._prefix = self._read = 0  # window start; end of the tokens already turned into text
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
 
 
 @dataclass
@@ -84,12 +108,21 @@ def _sampler(gen_cfg):
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-    """Run left-padded prompts through the model: next-token logits, their cache and attention mask."""
-    input_ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    cache = DynamicCache(config=model.config)
+    """Run left-padded prompts through the model: next-token logits, their cache and attention mask.
+
+    A prompt that comes several times (self-consistency's k samples) runs once; its cache rows are copied.
+    """
+    unique = list(dict.fromkeys(map(tuple, prompts)))
+    input_ids, mask = (t.to(device) for t in left_pad([list(p) for p in unique], pad_id))
+    cache = new_cache(model.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1, :]
+    if len(unique) < len(prompts):
+        where = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([where[tuple(p)] for p in prompts], device=device)
+        cache.batch_select_indices(index)
+        logits, mask = logits[index], mask[index]
     return logits, cache, mask
 
 
@@ -113,38 +146,38 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     sampler = _sampler(gen_cfg)
     generator = torch.Generator(device).manual_seed(seed) if sampler is not None else None
     calculator = Calculator(tokenizer, len(prompts)) if gen_cfg.calculator else None
-    joinable = supports_joining(DynamicCache(config=model.config))  # a property of the model: decided once
+    joinable = supports_joining(new_cache(model.config))  # a property of the model: decided once
     waiting = deque(range(len(prompts)))
-    tokens: dict[int, list[int]] = {}
+    texts: dict[int, RowText] = {}
     rows: list[int] = []  # the prompt index of each row of the running batch
     cache, mask, logits = None, None, None
     while waiting or rows:
         free = batch_size - len(rows)
         if waiting and (not rows or (free >= max(1, batch_size // 4) and joinable)):
             joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-            new_logits, new_cache, new_mask = _prefill(model, [prompts[i] for i in joining], pad_id, device)
+            fresh_logits, fresh_cache, fresh_mask = _prefill(model, [prompts[i] for i in joining], pad_id, device)
             if rows:
-                width = max(mask.shape[1], new_mask.shape[1])
-                join(cache, mask.shape[1], new_cache, new_mask.shape[1])
-                mask = torch.cat([_left_pad_mask(mask, width), _left_pad_mask(new_mask, width)])
-                logits = torch.cat([logits, new_logits])
+                width = max(mask.shape[1], fresh_mask.shape[1])
+                join(cache, mask.shape[1], fresh_cache, fresh_mask.shape[1])
+                mask = torch.cat([_left_pad_mask(mask, width), _left_pad_mask(fresh_mask, width)])
+                logits = torch.cat([logits, fresh_logits])
             else:
-                cache, mask, logits = new_cache, new_mask, new_logits
+                cache, mask, logits = fresh_cache, fresh_mask, fresh_logits
             rows += joining
-            tokens.update({i: [] for i in joining})
+            texts.update({i: RowText(tokenizer) for i in joining})
         if sampler is None:
-            chosen = logits.argmax(-1)
+            chosen = logits.max(-1).indices  # argmax's answer (the first maximum); 2.6x faster on bf16 CPU logits
         else:
             probs = torch.softmax(sampler(None, logits.float()), dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         keep, next_tokens = [], []
         for pos, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
+            text = texts[row]
             if calculator is not None:
-                token = calculator.next_token(row, tokens[row], token)
-            tokens[row].append(token)
-            text = tokenizer.decode(tokens[row], skip_special_tokens=True)
-            if token in eos_ids or len(tokens[row]) >= gen_cfg.max_new_tokens or rules.find(text) is not None:
-                done = _finish(tokenizer, tokens.pop(row), eos_ids, rules)
+                token = calculator.next_token(row, text.text, token)
+            text.append(token)
+            if token in eos_ids or len(text.tokens) >= gen_cfg.max_new_tokens or rules.find(text.text) is not None:
+                done = _finish(tokenizer, texts.pop(row).tokens, eos_ids, rules)
                 if calculator is not None:
                     done.calculator_calls, done.calculator_changed = calculator.calls[row], calculator.changed[row]
                 yield row, done

@@ -1,19 +1,91 @@
-"""Row surgery on transformers' DynamicCache for continuous batching: join two running batches, drop padding columns.
+"""transformers' DynamicCache for gsmtune's decode loop: appends in place, and row surgery for continuous batching.
 
 transformers ships continuous batching (`generate_batch`), but on CPU it measured slower than plain `generate` and it
-has no stop strings (BENCHMARKS.md); these two operations are all gsmtune's decode loop needs on top of DynamicCache.
-Every row shares one timeline; a row's tokens sit right-aligned in it, left padding masked.
+has no stop strings (BENCHMARKS.md). What the decode loop needs on top of DynamicCache: layers that append into spare
+room instead of `torch.cat` (which copies the whole cache at every step), joining two running batches, and dropping
+padding columns. Every row shares one timeline; a row's tokens sit right-aligned in it, left padding masked.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+SPARE = 256  # positions of room allocated past the end: one copy of the cache per SPARE decode steps, not per step
+
+
+def _room_after(stored: torch.Tensor, buffer: torch.Tensor | None) -> int | None:
+    """Where `stored` ends inside `buffer`, when `stored` is a slice of it along the timeline; else None."""
+    if (buffer is None or stored.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+            or stored.shape[:2] != buffer.shape[:2] or stored.stride() != buffer.stride()):
+        return None
+    start = (stored.storage_offset() - buffer.storage_offset()) // buffer.stride(2)
+    return start + stored.shape[2]
+
+
+def _append(stored: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`stored` followed by `new` along the timeline, as a slice of `buffer` (written in place when it has room)."""
+    end = _room_after(stored, buffer) if stored.dim() == 4 else None
+    if end is not None and end + new.shape[2] <= buffer.shape[2]:
+        buffer[:, :, end:end + new.shape[2]] = new
+        return buffer[:, :, end - stored.shape[2]:end + new.shape[2]], buffer
+    n = stored.shape[2] if stored.dim() == 4 else 0
+    buffer = new.new_empty(*new.shape[:2], n + new.shape[2] + SPARE, new.shape[3])
+    if n:
+        buffer[:, :, :n] = stored
+    buffer[:, :, n:n + new.shape[2]] = new
+    return buffer[:, :, :n + new.shape[2]], buffer
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose `update` writes into spare room (same states returned, no per-step copy of the cache)."""
+
+    key_buffer: torch.Tensor | None = None
+    value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.key_buffer = _append(self.keys, key_states, self.key_buffer)
+        self.values, self.value_buffer = _append(self.values, value_states, self.value_buffer)
+        return self.keys, self.values
+
+
+class GrowingSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """The sliding-window twin: the window's view moves along the buffer; only reaching its end copies the window."""
+
+    key_buffer: torch.Tensor | None = None
+    value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.record_past:  # assisted decoding's bookkeeping: transformers' own path
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, self.key_buffer = _append(self.keys, key_states, self.key_buffer)
+        values, self.value_buffer = _append(self.values, value_states, self.value_buffer)
+        self.keys = keys[:, :, -self.sliding_window + 1:]
+        self.values = values[:, :, -self.sliding_window + 1:]
+        return keys, values
+
+
+def new_cache(config) -> DynamicCache:
+    """transformers' DynamicCache for `config`, its plain and sliding-window layers swapped for the growing ones."""
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[i] = GrowingSlidingWindowLayer(sliding_window=layer.sliding_window)
+        elif type(layer) is DynamicLayer:
+            cache.layers[i] = GrowingLayer()
+    return cache
 
 
 def supports_joining(cache) -> bool:
     """Plain and sliding-window attention layers only (the layouts `join` and `trim` know)."""
-    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+    known = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer, GrowingSlidingWindowLayer)
+    return all(type(layer) in known for layer in cache.layers)
 
 
 def _stored(layer, length: int) -> int:

@@ -122,6 +122,15 @@ def load_adapter(path: str | Path, is_trainable: bool = False, **kwargs: Any):
     return model, (path if (Path(path) / "tokenizer_config.json").exists() else base_path)
 
 
+def _contiguous_head_input(model) -> None:
+    """Hand the output layer a contiguous input. With frozen weights (any adapter on its base), torch 2.13's matmul does
+    not fold the strided `[rows, 1, hidden]` slice that `logits_to_keep=1` leaves and broadcasts the 262k-row weight
+    per row instead: a prefill of 32 prompts copied 10 GB and took 9x longer (benchmarks/profile_decode.py)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
 def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = None) -> LoadedModel:
     """Load for inference: a LoRA adapter folder is loaded on top of the base its config names."""
@@ -146,4 +155,5 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remot
             f"could not load model '{name}': {first} (offline? use a local folder or bundled:gemma-3-270m)"
         ) from e
     model.to(dev).eval()
+    _contiguous_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, path=path)

@@ -1,0 +1,131 @@
+"""Where decode time goes in gsmtune's loop: model forward (prefill / decode steps, by running batch size) vs host work.
+
+    python benchmarks/profile_decode.py --data ../shared/data/gsm8k --n 64 [--model RUN/model] [--dtype float32]
+    python benchmarks/profile_decode.py --step-sweep   # one decode step's time at batch 1..64 vs the memory floor
+
+Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy, the '####' and
+'Question:' stops) with a clock around every model call. Generated tokens are counted as everywhere in gsmtune's
+benchmarks: the tokens of each kept completion (cut at its stop rule, EOS excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+BUCKETS = ((1, 6), (7, 16), (17, 32), (33, 64))
+
+
+def bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory bandwidth as a big copy sees it (read + write), the floor a decode step cannot beat."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step must read: every weight once (the tied embedding counted once, as the output layer)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dict]:
+    """Median time of one decode step at each batch size, `context` positions already cached."""
+    from gsmtune.generation import _prefill
+
+    rows = []
+    for b in sizes:
+        prompts = [[lm.tokenizer.bos_token_id] + [1000 + i] * (context - 1) for i in range(b)]
+        with torch.inference_mode():
+            _, cache, mask = _prefill(lm.model, prompts, lm.tokenizer.pad_token_id, lm.device)
+            times = []
+            for _ in range(repeats):
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                start = time.perf_counter()
+                lm.model(input_ids=torch.full((b, 1), 1000), attention_mask=mask,
+                         position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
+                times.append(time.perf_counter() - start)
+        rows.append({"batch": b, "ms": 1e3 * statistics.median(times)})
+    return rows
+
+
+def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int) -> dict:
+    from gsmtune.generation import StopRules, stream
+
+    forward = lm.model.forward
+    calls: list[tuple[int, int, float]] = []  # (rows, positions fed, seconds)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        calls.append((*kwargs["input_ids"].shape, time.perf_counter() - start))
+        return out
+
+    lm.model.forward = timed
+    start = time.perf_counter()
+    done = dict(stream(lm.model, lm.tokenizer, prompts, gen_cfg, StopRules(), batch_size=batch_size))
+    wall = time.perf_counter() - start
+    lm.model.forward = forward
+    decode = [(rows, s) for rows, width, s in calls if width == 1]
+    buckets = defaultdict(list)
+    for rows, s in decode:
+        buckets[next(f"{lo}-{hi}" for lo, hi in BUCKETS if rows <= hi)].append(s)
+    tokens = sum(len(lm.tokenizer(c.text, add_special_tokens=False)["input_ids"]) for c in done.values())
+    return {"wall_s": wall, "prefill_s": sum(s for _, w, s in calls if w > 1), "decode_s": sum(s for _, s in decode),
+            "host_s": wall - sum(s for *_, s in calls), "steps": len(decode), "tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "by_batch": {k: {"steps": len(v), "ms_per_step": 1e3 * statistics.median(v), "s": sum(v)}
+                         for k, v in sorted(buckets.items(), key=lambda kv: int(kv[0].split("-")[0]))},
+            "stops": dict(Counter(c.stop_reason for c in done.values())),
+            "completions": [done[i].text for i in range(len(prompts))]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="folder with GSM8K test.jsonl")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--model", default="bundled:gemma-3-270m", help="a model folder, an adapter folder or bundled:NAME")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--step-sweep", action="store_true", help="time one decode step per batch size instead")
+    p.add_argument("--context", type=int, default=300, help="cached positions for --step-sweep")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+
+    from gsmtune.allocator import keep_freed_memory
+    from gsmtune.config import load_config
+    from gsmtune.models import load_model
+    from gsmtune.prompts import tokenize_prompt
+
+    keep_freed_memory()
+    lm = load_model(a.model, dtype=a.dtype)
+    floor_ms = 1e3 * weight_bytes(lm.model) / (bandwidth_gb_s() * 1e9)  # a step reads the weights once
+    header = {"model": a.model, "dtype": a.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "weights_gb": weight_bytes(lm.model) / 1e9, "memory_floor_ms_per_step": floor_ms}
+    if a.step_sweep:
+        result = header | {"context": a.context, "steps": step_sweep(lm, a.context, [1, 2, 4, 8, 16, 32, 64])}
+    else:
+        gen = load_config(None, [f"generation.max_new_tokens={a.max_new_tokens}"]).generation
+        with (a.data / "test.jsonl").open() as f:
+            questions = [json.loads(next(f))["question"] for _ in range(a.n)]
+        prompts = sorted((tokenize_prompt(f"Question: {q}\nAnswer:", lm.tokenizer) for q in questions), key=len)
+        result = header | {"n": a.n, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
+        result |= profile_stream(lm, prompts, gen, a.batch_size)
+    print(json.dumps({k: v for k, v in result.items() if k != "completions"}, indent=1))
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

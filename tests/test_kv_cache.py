@@ -1,0 +1,86 @@
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from gsmtune.kv_cache import SPARE, GrowingLayer, GrowingSlidingWindowLayer, new_cache, supports_joining, trim
+
+
+def states(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, 1, length, 4), torch.randn(rows, 1, length, 4)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_growing_layers_return_and_keep_what_transformers_layers_do(window):
+    """Same states, mask sizes and stored window as transformers' layers, through prefill, steps past the spare room,
+    a padding trim and a row leaving."""
+    torch.manual_seed(0)
+    if window is None:
+        ours, theirs = GrowingLayer(), DynamicLayer()
+    else:
+        ours, theirs = GrowingSlidingWindowLayer(sliding_window=window), DynamicSlidingWindowLayer(sliding_window=window)
+    for step in range(SPARE + 40):
+        k, v = states(3 if step < 100 else 2, 5 if step == 0 else 1)
+        if step == 100:  # the first row leaves the batch
+            for layer in (ours, theirs):
+                layer.batch_select_indices(torch.tensor([1, 2]))
+        for got, want in zip(ours.update(k, v), theirs.update(k, v), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=0)
+        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+        if window is None and step == 50:  # two padding columns dropped (the decode loop's trim)
+            ours.keys, ours.values = ours.keys[:, :, 2:], ours.values[:, :, 2:]
+            theirs.keys, theirs.values = theirs.keys[:, :, 2:], theirs.values[:, :, 2:]
+
+
+def test_appends_write_into_the_same_buffer_until_it_is_full():
+    layer = GrowingLayer()
+    layer.update(*states(2, 4))
+    buffer = layer.key_buffer
+    assert buffer.shape[2] == 4 + SPARE
+    for _ in range(SPARE):
+        layer.update(*states(2, 1))
+        assert layer.key_buffer is buffer and layer.keys.data_ptr() == buffer.data_ptr()
+    layer.update(*states(2, 1))  # one past the room: a new, larger buffer
+    assert layer.key_buffer is not buffer and layer.keys.shape[2] == 4 + SPARE + 1
+
+
+def test_a_trimmed_cache_keeps_its_buffer(tiny_model_dir):
+    """Dropping padding columns is a view of the buffer: the next append still writes in place."""
+    from transformers import AutoConfig
+
+    cache = new_cache(AutoConfig.from_pretrained(tiny_model_dir))
+    assert supports_joining(cache)
+    assert {type(layer) for layer in cache.layers} <= {GrowingLayer, GrowingSlidingWindowLayer}
+    layer = cache.layers[0]
+    layer.update(*states(2, 10))
+    buffer = layer.key_buffer
+    trim(cache, 10, 3)
+    layer.update(*states(2, 1))
+    assert layer.key_buffer is buffer and layer.keys.shape[2] == 8
+
+
+def test_long_greedy_decoding_matches_hf_generate(tiny_tokenizer):
+    """Past the spare room and the sliding window, the decode loop on growing layers gives HF `generate`'s tokens."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gsmtune.config import load_config
+    from gsmtune.generation import StopRules, generate, left_pad, stop_token_ids
+
+    tok = tiny_tokenizer
+    torch.manual_seed(2)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]
+               for t in ["Question: Tom has 3 apples\nAnswer:", "Question: 7\nAnswer:"]]
+    steps = SPARE + 30
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                               eos_token_id=[], pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    gen = load_config(None, [f"generation.max_new_tokens={steps}"]).generation
+    ours = generate(model, tok, prompts, gen, StopRules(False, False))
+    stops = set(stop_token_ids(tok, model))
+    until_stop = [r[:next((i for i, t in enumerate(r) if t in stops), len(r))] for r in reference.tolist()]
+    assert max(c.num_tokens for c in ours) == steps  # at least one row decodes past the spare room
+    assert [c.text for c in ours] == [tok.decode(r, skip_special_tokens=True) for r in until_stop]
