@@ -71,6 +71,7 @@ def train_gsmtune(a, callback) -> Path:
     """`run_train` on the benchmark's setting plus `a.extra`, with `callback` added to its trainer; the run folder."""
     import gsmtune.training.sft as sft
     from gsmtune.config import load_config
+    from gsmtune.training.driver import run_train
 
     build = sft.build_trainer
 
@@ -81,7 +82,7 @@ def train_gsmtune(a, callback) -> Path:
 
     sft.build_trainer = build_with_callback
     out = Path(tempfile.mkdtemp())
-    sft.run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
+    run_train(load_config(None, [*settings(a), f"output_dir={out}", *a.extra]))
     return out
 
 

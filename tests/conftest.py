@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from gsmtune.answers import answers_match, extract_strict
+from gsmtune.runs import load_run
+
 GLIBC = sys.platform.startswith("linux")  # where gsmtune.allocator can keep freed memory
 
 CHAT_TEMPLATE = (
@@ -95,3 +98,28 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+# --- helpers shared by test modules (plain functions: `from conftest import ...`) ---------------------------------
+
+
+def overrides(model_dir, data, out, *more):
+    return [f"model.name={model_dir}", "dataset.source=local", f"dataset.path={data}", "training.max_steps=4",
+            "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
+            "training.logging_steps=1", "training.save_steps=2", "training.learning_rate=1e-3",
+            "generation.max_new_tokens=8", "model.dtype=fp32", f"output_dir={out}", *more]
+
+
+def row(completion, gold="24", stop="answer_line", index=0, question="q"):
+    strict = extract_strict(completion)
+    return {"index": index, "question": question, "gold": gold, "completion": completion, "extracted_strict": strict,
+            "correct": answers_match(strict, gold), "stop_reason": stop}
+
+
+def write_run(path, rows, config="seed: 1\n"):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(config)
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    correct = sum(r["correct"] for r in rows)
+    (path / "metrics.json").write_text(json.dumps({"correct": correct, "total": len(rows), "accuracy": correct / len(rows)}))
+    return load_run(path)

@@ -8,6 +8,8 @@ from conftest import GLIBC
 
 from gsmtune import allocator
 
+pytestmark = pytest.mark.slow  # each test starts a Python process
+
 
 def run(code: str, **env: str) -> str:
     import os

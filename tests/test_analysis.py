@@ -1,34 +1,16 @@
-import json
-
 import pytest
+from conftest import row, write_run
 
 from gsmtune.analysis import (
     calculations,
     categorize,
     changed_problems,
     compare_pair,
+    contamination,
     error_report,
-    load_run,
-    normalize_question,
     with_votes,
 )
-from gsmtune.answers import answers_match, extract_strict
-from gsmtune.arithmetic import safe_eval
-
-
-def row(completion, gold="24", stop="answer_line", index=0, question="q"):
-    strict = extract_strict(completion)
-    return {"index": index, "question": question, "gold": gold, "completion": completion, "extracted_strict": strict,
-            "correct": answers_match(strict, gold), "stop_reason": stop}
-
-
-@pytest.mark.parametrize(
-    ("expr", "value"),
-    [("48/2", 24), ("(3+4)*2", 14), ("((1+2)*(3+4))/7", 3), ("-5+2", -3), ("1,200*2", 2400), ("3 x 4", 12),
-     ("10 ÷ 4", 2.5), ("$5*3", 15), ("2**10", None), ("__import__('os')", None), ("1/0", None), ("abc", None)],
-)
-def test_safe_eval(expr, value):
-    assert safe_eval(expr) == value
+from gsmtune.runs import load_run, write_training_data
 
 
 @pytest.mark.parametrize(
@@ -55,15 +37,6 @@ def test_calculations_found_in_both_notations():
     calcs = calculations("48/2 = <<48/2=24>>24 and 24 + 48 = 72, then (2+3)*4 = 21")
     assert [(c.expression, c.written, c.correct) for c in calcs] == [
         ("48/2", "24", True), ("24 + 48", "72", True), ("(2+3)*4", "21", False)]
-
-
-def write_run(path, rows, config="seed: 1\n"):
-    path.mkdir(parents=True)
-    (path / "config.yaml").write_text(config)
-    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    correct = sum(r["correct"] for r in rows)
-    (path / "metrics.json").write_text(json.dumps({"correct": correct, "total": len(rows), "accuracy": correct / len(rows)}))
-    return load_run(path)
 
 
 def test_compare_pair_and_changes(tmp_path):
@@ -93,17 +66,9 @@ def test_self_consistency_runs_are_compared_by_their_vote_too(tmp_path):
     assert "| sc maj@5 |" in comparison_markdown([greedy]) and "| sc | sc maj@5 | 4 |" in comparison_markdown([greedy])
 
 
-def test_method_names_the_evaluated_models_training_and_dtype(tmp_path):
-    (tmp_path / "lora" / "model").mkdir(parents=True)
-    (tmp_path / "lora" / "train_metrics.json").write_text(json.dumps({"method": "lora"}))
-    run = write_run(tmp_path / "lora_fp32", [row(" #### 24")], config="prompt:\n  strategy: zero_shot\n")
-    assert run.method == "zero-shot"
-    run.metrics |= {"model_path": str(tmp_path / "lora" / "model"), "dtype": "float32"}
-    assert run.method == "lora SFT, zero-shot [float32]"
-    run.metrics.pop("dtype")
-    run.config["model"] = {"dtype": "fp32"}
-    assert run.method == "lora SFT, zero-shot [fp32]"
-
-
-def test_normalize_question_catches_near_duplicates():
-    assert normalize_question("Tom has  3 apples.\n") == normalize_question("tom has 12 apples.")
+def test_contamination_reads_the_question_hashes_in_the_run_folder(tmp_path):
+    run = write_run(tmp_path / "lora", [row(" #### 24", index=i, question=q)
+                                        for i, q in enumerate(["q3", "Tom has 7 apples", "Ann has 2 pears"])])
+    assert contamination(run) is None  # no training data recorded: not trained by gsmtune
+    write_training_data(run.path, ["q3 ", "Tom has 5 apples"])
+    assert contamination(load_run(run.path)) == ([0], [1])

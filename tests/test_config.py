@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
+from gsmtune.cli import CONFIGS
 from gsmtune.config import config_differences, load_config
 from gsmtune.errors import GsmtuneError
 
-SHIPPED = [p for p in sorted((Path(__file__).parents[1] / "src" / "gsmtune" / "configs").rglob("*.yaml"))
+SHIPPED = [p for p in sorted(CONFIGS.rglob("*.yaml"))
            if p.parent.name != "accelerate"]  # accelerate configs have their own schema
 
 
@@ -55,6 +56,12 @@ def test_unknown_key_in_base_file(tmp_path):
         (["num_eval_samples=0"], "must be positive"),
         (["dataset.prompt_format=Question"], "{question}"),
         (["seed"], "key=value"),
+        (["training.optim=adamw_nonsense"], "training.optim=adamw_nonsense is not a name transformers knows; did you"),
+        (["training.lr_scheduler_type=zigzag"], "training.lr_scheduler_type=zigzag is not a name transformers knows"),
+        (["generation.do_sample=true", "generation.temperature=-1"], "temperature must be > 0"),
+        (["generation.num_samples=5", "generation.top_p=1.5"], r"top_p in \(0, 1\]"),
+        (["training.learning_rate=0"], "must be positive"),
+        (["training.lora.dropout=1.2"], r"in \[0, 1\)"),
     ],
 )
 def test_bad_values(overrides, message):

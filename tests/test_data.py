@@ -102,6 +102,11 @@ def test_eval_subset_is_seeded_and_stable():
         eval_subset(problems, 51, seed=1)
 
 
-def test_rows_roundtrip_json(gsm_dir):
-    row = json.loads((gsm_dir / "test.jsonl").read_text().splitlines()[0])
-    assert row["question"] == PROBLEMS[0][0]
+def test_local_reader_takes_files_as_people_write_them(tmp_path):
+    """Windows line ends, blank lines, no final newline, non-ASCII text, extra fields: gsmtune's own reader copes."""
+    rows = [{"question": "Zoë paid €1,200. How much?", "answer": "1200 = <<1200=1200>>1200\n#### 1,200", "id": 7},
+            {"question": "Two?", "answer": "#### 2"}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:1]) + "\r\n\r\n" + json.dumps(rows[1])
+    (tmp_path / "test.jsonl").write_bytes(text.encode("utf-8"))
+    problems = load_split(local(tmp_path), "test")
+    assert [(p.index, p.question, p.answer) for p in problems] == [(i, r["question"], r["answer"]) for i, r in enumerate(rows)]

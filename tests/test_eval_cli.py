@@ -10,7 +10,7 @@ from gsmtune.evaluate import PREDICTIONS
 
 @pytest.fixture
 def run_args(tiny_model_dir, gsm_dir, tmp_path):
-    return ["eval", "configs/base.yaml", f"model.name={tiny_model_dir}", "dataset.source=local",
+    return ["eval", "base", f"model.name={tiny_model_dir}", "dataset.source=local",
             f"dataset.path={gsm_dir}", "generation.max_new_tokens=8", "generation.batch_size=4",
             "model.dtype=fp32", f"output_dir={tmp_path / 'run'}"]
 

@@ -34,9 +34,14 @@ def test_raw_prompt_exact_text(overrides, expected):
     assert prompt_for(*overrides) == expected
 
 
-def test_reference_one_shot_example():
-    assert ONE_SHOT_QUESTION.startswith("Natalia sold clips to 48 of her friends in April")
-    assert ONE_SHOT_ANSWER.endswith("#### 72")
+def test_one_shot_example_is_a_solved_problem_in_gsm8k_format():
+    """The example teaches the format the scorer reads: a strict '#### 72' answer and calculations that check out."""
+    from gsmtune.analysis import calculations
+    from gsmtune.answers import extract_strict
+
+    assert "48" in ONE_SHOT_QUESTION and extract_strict(ONE_SHOT_ANSWER) == "72"
+    calcs = calculations(ONE_SHOT_ANSWER)
+    assert calcs and all(c.correct for c in calcs)
 
 
 def test_few_shot_without_train_split_is_an_error():

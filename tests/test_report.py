@@ -2,9 +2,10 @@ import base64
 import json
 from html.parser import HTMLParser
 
-from test_analysis import row, write_run
+from conftest import row, write_run
 
 from gsmtune.cli import main
+from gsmtune.runs import write_training_data
 
 
 class Collect(HTMLParser):
@@ -32,13 +33,10 @@ def fixture_runs(root):
     base = write_run(root / "base", [row(" #### 24" if i < 2 else " no", index=i, stop="eos") for i in range(10)],
                      config="prompt:\n  strategy: one_shot\n")
     tuned_dir = root / "lora"
-    data = root.parent / "data"  # its training data holds eval question 3 verbatim and question 4 with other numbers
-    data.mkdir()
-    (data / "train.jsonl").write_text(json.dumps({"question": "q3", "answer": "#### 1"}) + "\n"
-                                      + json.dumps({"question": "Tom has 5 apples", "answer": "#### 2"}) + "\n")
     write_run(tuned_dir, [row(" 48/2=<<48/2=24>>24\n#### 24" if i != 1 else " 48/2=<<48/2=25>>25\n#### 25", index=i,
                               question={3: "q3", 4: "Tom has 7 apples"}.get(i, f"question {i}?")) for i in range(10)],
-              config=f"baseline_run: {root / 'base'}\ndataset:\n  config_name: main\n  source: local\n  path: {data}\n")
+              config=f"baseline_run: {root / 'base'}\ndataset:\n  config_name: main\n  source: local\n")
+    write_training_data(tuned_dir, ["q3", "Tom has 5 apples"])  # eval question 3 verbatim, question 4 with other numbers
     (tuned_dir / "train_metrics.json").write_text(json.dumps(
         {"method": "lora", "loss_curve": [{"step": s, "loss": 2.0 / s} for s in range(1, 6)]}))
     return base

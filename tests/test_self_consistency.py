@@ -25,7 +25,7 @@ def test_majority_vote(answers, expected):
 @pytest.mark.parametrize("calculator", [False, True])
 def test_self_consistency_run(tiny_model_dir, gsm_dir, tmp_path, calculator):
     out = tmp_path / "sc"
-    assert main(["eval", "configs/base.yaml", f"model.name={tiny_model_dir}", "dataset.source=local",
+    assert main(["eval", "base", f"model.name={tiny_model_dir}", "dataset.source=local",
                  f"dataset.path={gsm_dir}", "generation.max_new_tokens=6", "generation.batch_size=4",
                  "generation.num_samples=3", "generation.temperature=1.0", "model.dtype=fp32", f"output_dir={out}",
                  f"generation.calculator={calculator}"]) == 0

@@ -1,15 +1,14 @@
-"""Reading run folders, error categories by checkable rules, run-vs-run comparison, contamination (no model needed)."""
+"""Error categories by checkable rules, run-vs-run comparison, contamination: on run folders alone (no model needed)."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from itertools import combinations
-from pathlib import Path
 
 from gsmtune.arithmetic import safe_eval
-from gsmtune.errors import GsmtuneError
+from gsmtune.gsm8k_format import ANNOTATION, CALCULATION, after_answer_line, normalize_question
+from gsmtune.runs import Run, question_hash
 from gsmtune.stats import mcnemar_exact, paired_bootstrap_ci, wilson_ci
 
 CATEGORIES = ("no_answer", "hallucinated_continuation", "truncated", "arithmetic", "reasoning")
@@ -20,67 +19,6 @@ CATEGORY_RULES = {
     "arithmetic": "a written calculation (`a op b = c` or `<<a op b=c>>`) whose result does not match its expression",
     "reasoning": "well-formed, arithmetic right, answer wrong",
 }
-
-
-@dataclass
-class Run:
-    path: Path
-    name: str
-    config: dict
-    metrics: dict
-    predictions: dict[int, dict]
-    train_metrics: dict | None = None
-
-    @property
-    def method(self) -> str:
-        """What produced the answers: the training (this run's, or that of the model folder it evaluated), the prompt
-        for in-context or re-evaluated runs, the calculator, and the dtype decoding ran in (it moves bf16 results)."""
-        trained = self.train_metrics or _train_metrics_beside(self.metrics.get("model_path"))
-        text = ("GRPO" if trained["method"] == "grpo" else f"{trained['method']} SFT") if trained else ""
-        if not self.train_metrics:
-            p = self.config.get("prompt", {})
-            prompt = p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
-            text = f"{text}, {prompt}" if text else prompt
-        text += " + calculator" if self.config.get("generation", {}).get("calculator") else ""
-        configured = self.config.get("model", {}).get("dtype", "auto")  # runs from before metrics recorded dtype
-        dtype = self.metrics.get("dtype") or (configured if configured != "auto" else None)
-        return text + (f" [{dtype}]" if dtype else "")
-
-    @property
-    def dataset(self) -> str:
-        d = self.config.get("dataset", {})
-        return f"{d.get('config_name', '?')} ({d.get('source', '?')})"
-
-
-def _train_metrics_beside(model_path: str | None) -> dict | None:
-    """A trained run keeps its weights in RUN/model next to RUN/train_metrics.json."""
-    f = Path(model_path).parent / "train_metrics.json" if model_path else None
-    return json.loads(f.read_text()) if f is not None and f.is_file() else None
-
-
-def load_run(path: str | Path, name: str | None = None) -> Run:
-    path = Path(path)
-    if not (path / "metrics.json").exists() or not (path / "predictions.jsonl").exists():
-        raise GsmtuneError(f"{path} is not a finished evaluation run (no metrics.json / predictions.jsonl)")
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").exists() else {}
-    predictions = {}
-    for line in (path / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        predictions[row["index"]] = row
-    train = path / "train_metrics.json"
-    return Run(path=path, name=name or path.name, config=config, metrics=json.loads((path / "metrics.json").read_text()),
-               predictions=predictions, train_metrics=json.loads(train.read_text()) if train.exists() else None)
-
-
-def find_runs(root: str | Path) -> list[Run]:
-    """Every evaluation run under `root`, named by its path relative to it."""
-    root = Path(root)
-    found = sorted(p.parent for p in root.rglob("metrics.json") if (p.parent / "predictions.jsonl").exists())
-    if not found:
-        raise GsmtuneError(f"no runs (folders with metrics.json and predictions.jsonl) under {root}")
-    return [load_run(p, str(p.relative_to(root)) if p != root else p.name) for p in found]
 
 
 def with_votes(runs: list[Run]) -> list[Run]:
@@ -103,11 +41,6 @@ def with_votes(runs: list[Run]) -> list[Run]:
 
 # --- error categories -------------------------------------------------------------------------------------------
 
-_NUM = r"\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_ANNOTATION = re.compile(r"<<([^<>=]+)=([^<>]*)>>")
-_INLINE = re.compile(rf"((?:[(\s]*-?{_NUM}[)\s]*[-+*/×x÷]\s*)+[(\s]*-?{_NUM}[)\s]*)=\s*(-?{_NUM})")
-
-
 @dataclass(frozen=True)
 class Calculation:
     expression: str
@@ -129,7 +62,7 @@ class Calculation:
 
 def calculations(text: str) -> list[Calculation]:
     """GSM8K calculator annotations and inline `a op b = c` calculations, in order."""
-    pairs = _ANNOTATION.findall(text) + _INLINE.findall(_ANNOTATION.sub(" ", text))
+    pairs = ANNOTATION.findall(text) + CALCULATION.findall(ANNOTATION.sub(" ", text))
     found: dict[tuple[str, str], Calculation] = {}  # `48/2 = <<48/2=24>>24` is one calculation, not two
     for expression, written in pairs:
         calc = Calculation(expression.strip(), written.strip(), safe_eval(expression))
@@ -140,8 +73,7 @@ def calculations(text: str) -> list[Calculation]:
 
 def continues_past_answer(completion: str) -> bool:
     """Text after the line holding the first '####' (only possible when the stop rules were off)."""
-    pos = completion.find("####")
-    return pos >= 0 and bool(completion[pos:].partition("\n")[2].strip())
+    return bool(after_answer_line(completion).strip())
 
 
 def categorize(row: dict) -> str | None:
@@ -246,33 +178,16 @@ def changed_problems(base: Run, tuned: Run) -> dict[str, list[int]]:
 # --- contamination ----------------------------------------------------------------------------------------------
 
 
-def normalize_question(text: str) -> str:
-    """Lowercase, numbers -> '#', whitespace collapsed: catches copies with other numbers or spacing."""
-    return re.sub(r"\s+", " ", re.sub(r"\d[\d,.]*", "#", text.lower())).strip()
-
-
 def contamination(run: Run) -> tuple[list[int], list[int]] | None:
-    """Eval problems whose question also appears in the run's training data: (exact, near-duplicate) indices.
-
-    None when the run was not trained by gsmtune or its training data cannot be read here.
-    """
-    if not run.train_metrics or not run.config:
+    """Eval problems whose question is among the training questions of the model evaluated: (exact, near-duplicate)
+    indices, from the question hashes the run folder carries. None when it carries none (not trained by gsmtune)."""
+    if not run.training_data:
         return None
-    from omegaconf import OmegaConf
-
-    from gsmtune.config import Config
-    from gsmtune.data import train_validation_split
-
-    try:
-        train, _ = train_validation_split(OmegaConf.merge(OmegaConf.structured(Config), run.config))
-    except GsmtuneError:
-        return None
-    exact_set = {p.question.strip() for p in train}
-    near_set = {normalize_question(p.question) for p in train}
+    exact_set, near_set = set(run.training_data["exact"]), set(run.training_data["normalized"])
     exact, near = [], []
     for i, row in sorted(run.predictions.items()):
-        if row["question"].strip() in exact_set:
+        if question_hash(row["question"].strip()) in exact_set:
             exact.append(i)
-        elif normalize_question(row["question"]) in near_set:
+        elif question_hash(normalize_question(row["question"])) in near_set:
             near.append(i)
     return exact, near

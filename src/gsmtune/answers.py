@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 from decimal import Decimal, InvalidOperation
 
-# A number as people write it: optional sign and currency, thousands groups of three, decimals.
-_NUMBER = re.compile(r"(?<![\w.])(-)?\s?\$?\s?(-)?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-_ANSWER_MARK = "####"
+from gsmtune.gsm8k_format import NUMBER, answer_line
 
 
 def normalize_number(text: str) -> str | None:
     """`$1,200.50` -> `1200.5`, `-3.0` -> `-3`, `72.` -> `72`; None when text holds no number."""
-    m = _NUMBER.search(text)
+    m = NUMBER.search(text)
     if m is None:
         return None
     sign = "-" if (m.group(1) or m.group(2)) else ""
@@ -27,17 +24,14 @@ def normalize_number(text: str) -> str | None:
 
 def extract_strict(completion: str) -> str | None:
     """The number right after the first `####` on its line: text the model wrote after it cannot change it."""
-    pos = completion.find(_ANSWER_MARK)
-    if pos < 0:
-        return None
-    line = completion[pos + len(_ANSWER_MARK):].split("\n", 1)[0]
-    return normalize_number(line)
+    line = answer_line(completion)
+    return None if line is None else normalize_number(line)
 
 
 def extract_flexible(completion: str) -> str | None:
     """The last number anywhere in the completion (lm-evaluation-harness's flexible-extract)."""
     last = None
-    for m in _NUMBER.finditer(completion):
+    for m in NUMBER.finditer(completion):
         last = m
     return normalize_number(last.group(0)) if last else None
 

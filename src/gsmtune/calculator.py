@@ -5,11 +5,8 @@ It runs inside gsmtune's decode loop (generation.generate), row by row, so one r
 
 from __future__ import annotations
 
-import re
-
 from gsmtune.arithmetic import safe_eval
-
-_OPEN_CALL = re.compile(r"<<([^<>=]+)=$")
+from gsmtune.gsm8k_format import OPEN_ANNOTATION
 
 
 def format_result(value: float) -> str:
@@ -21,7 +18,7 @@ def format_result(value: float) -> str:
 
 def pending_result(text: str) -> str | None:
     """The text to force after `text`, when it ends with an open annotation whose expression is arithmetic."""
-    m = _OPEN_CALL.search(text)
+    m = OPEN_ANNOTATION.search(text)
     if m is None:
         return None
     value = safe_eval(m.group(1))

@@ -31,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from gsmtune.config import load_config
-    from gsmtune.training.sft import run_train
+    from gsmtune.training.driver import run_train
 
     cfg = load_config(_config_path(args.config), args.overrides)
     print(f"trained model: {run_train(cfg, resume=args.resume, overwrite=args.overwrite)}")
@@ -41,7 +41,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     """Train, then evaluate the trained model with the same config, then compare with the baseline run if named."""
     from gsmtune.config import load_config
     from gsmtune.evaluate import run_eval
-    from gsmtune.training.sft import is_main_process, run_train
+    from gsmtune.training.common import is_main_process
+    from gsmtune.training.driver import run_train
 
     cfg = load_config(_config_path(args.config), args.overrides)
     model_dir = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -54,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def side_by_side(cfg, metrics: dict) -> str:
     import json
 
-    from gsmtune.evaluate import METRICS, format_metrics
+    from gsmtune.evaluate import format_metrics
+    from gsmtune.runs import METRICS
 
     lines = [f"{'tuned':>8} {cfg.output_dir}: {format_metrics(metrics)}"]
     if cfg.baseline_run:
@@ -66,7 +68,7 @@ def side_by_side(cfg, metrics: dict) -> str:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from gsmtune.models import is_adapter
-    from gsmtune.training.sft import merge_adapter
+    from gsmtune.training.common import merge_adapter
 
     adapter = Path(args.adapter)
     if not is_adapter(adapter):
@@ -82,8 +84,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from gsmtune.analysis import load_run
     from gsmtune.report import comparison_markdown, write_comparison_csv
+    from gsmtune.runs import load_run
 
     runs = [load_run(p, p) for p in args.runs]
     text = comparison_markdown(runs)
@@ -95,16 +97,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from gsmtune.analysis import load_run
     from gsmtune.report import analysis_markdown
+    from gsmtune.runs import load_run
 
     baseline = load_run(args.baseline, args.baseline) if args.baseline else None
     print(analysis_markdown(load_run(args.run, args.run), baseline, args.examples))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from gsmtune.analysis import find_runs
     from gsmtune.report import build_report
+    from gsmtune.runs import find_runs
 
     out = Path(args.output)
     markdown = Path(args.markdown) if args.markdown else out.with_suffix(".md")
@@ -116,7 +118,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     """Base model, then a short LoRA run, evaluated on the same problems; reruns reuse finished work."""
     from gsmtune.config import load_config
     from gsmtune.evaluate import run_eval
-    from gsmtune.training.sft import run_train
+    from gsmtune.training.driver import run_train
 
     out = load_config(CONFIGS / "quickstart.yaml", args.overrides).output_dir
     base = load_config(CONFIGS / "quickstart.yaml", [*args.overrides, f"output_dir={out}/base"])

@@ -227,6 +227,31 @@ def _validate(cfg: DictConfig) -> None:
         raise GsmtuneError("dataset.prompt_format must contain '{question}'")
     if cfg.generation.max_new_tokens <= 0 or cfg.generation.batch_size <= 0 or cfg.generation.num_samples <= 0:
         raise GsmtuneError("generation.max_new_tokens, generation.batch_size and generation.num_samples must be positive")
+    g = cfg.generation
+    sampling = g.do_sample or g.num_samples > 1
+    if sampling and (g.temperature <= 0 or not 0 < g.top_p <= 1 or g.top_k < 0):
+        raise GsmtuneError(f"generation.temperature={g.temperature}, top_p={g.top_p}, top_k={g.top_k}: temperature "
+                           "must be > 0, top_p in (0, 1], top_k >= 0 (0 = off); for greedy set generation.do_sample=false")
+    _validate_training(cfg.training)
+
+
+def _validate_training(t: DictConfig) -> None:
+    """Names transformers would reject only after the model has loaded, checked against its own lists up front."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, allowed in (("training.optim", t.optim, [o.value for o in OptimizerNames]),
+                                ("training.lr_scheduler_type", t.lr_scheduler_type, [s.value for s in SchedulerType])):
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=3, cutoff=0.4)
+            raise GsmtuneError(f"{key}={value} is not a name transformers knows"
+                               + (f"; did you mean {', '.join(close)}?" if close else f"; one of {', '.join(allowed)}"))
+    if t.learning_rate <= 0 or t.per_device_train_batch_size <= 0 or t.gradient_accumulation_steps <= 0:
+        raise GsmtuneError("training.learning_rate, per_device_train_batch_size and gradient_accumulation_steps "
+                           "must be positive")
+    if t.max_seq_length <= 0 or not 0 <= t.warmup_ratio < 1 or t.lora.r <= 0 or not 0 <= t.lora.dropout < 1:
+        raise GsmtuneError("training.max_seq_length and training.lora.r must be positive, training.warmup_ratio and "
+                           "training.lora.dropout in [0, 1)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:

@@ -3,62 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from gsmtune.answers import answers_match, extract_flexible, extract_strict, gold_answer
-from gsmtune.config import config_differences, to_yaml
 from gsmtune.data import Problem, load_eval_problems, load_split
-from gsmtune.errors import GsmtuneError
+from gsmtune.runs import METRICS, PREDICTIONS, prepare, read_predictions, write_provenance
 from gsmtune.stats import wilson_ci
-
-PREDICTIONS = "predictions.jsonl"
-METRICS = "metrics.json"
-CONFIG = "config.yaml"
-
-
-def prepare_run_dir(cfg: DictConfig, resume: bool, overwrite: bool) -> Path:
-    """Create the run folder, refusing to mix this run with an earlier one that used another config."""
-    out = Path(cfg.output_dir)
-    saved = out / CONFIG
-    if saved.exists():
-        if overwrite:
-            shutil.rmtree(out)
-        else:
-            if not resume:
-                raise GsmtuneError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-            diff = config_differences(OmegaConf.load(saved), cfg)
-            if diff:
-                raise GsmtuneError(
-                    f"{out} holds a run with a different config ({', '.join(diff[:5])}); "
-                    "use another output_dir or --overwrite"
-                )
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(to_yaml(cfg))
-    return out
-
-
-def read_predictions(path: Path) -> dict[int, dict]:
-    """Predictions by problem index; a torn last line (killed mid-write) is dropped from the file and redone."""
-    done: dict[int, dict] = {}
-    if not path.exists():
-        return done
-    text = path.read_text(encoding="utf-8")
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        done[row["index"]] = row
-    clean = "".join(json.dumps(r) + "\n" for r in done.values())
-    if clean != text:
-        path.write_text(clean, encoding="utf-8")
-    return done
 
 
 def score(problem: Problem, prompt: str, completion) -> dict:
@@ -180,9 +134,11 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     problems = load_eval_problems(cfg)
     train = load_split(cfg.dataset, "train") if cfg.prompt.strategy == "few_shot" else None
     shots = shots_for(cfg.prompt, train)
-    out = prepare_run_dir(cfg, resume, overwrite)
+    out = prepare(cfg, resume, overwrite)
+    dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    write_provenance(out, "eval", str(device), dtype, model_path or cfg.model.name)
     pred_path = out / PREDICTIONS
-    done = read_predictions(pred_path)
+    done = read_predictions(pred_path, repair=True)
     pending = [p for p in problems if p.index not in done]
 
     if pending:
@@ -209,7 +165,6 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
         bar.close()
 
     rows = [done[p.index] for p in problems]
-    dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name,
                                                                   "dtype": dtype}
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")

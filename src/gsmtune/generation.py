@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +16,8 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
+from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import join, new_cache, supports_joining, trim
-
-_NEW_QUESTION = re.compile(r"\n\s*Question:")
-_ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
 
 
 @dataclass(frozen=True)
@@ -31,9 +28,9 @@ class StopRules:
     def find(self, text: str) -> tuple[int, str] | None:
         """Where to cut `text` and why, at the earliest rule that fires; None to keep going."""
         hits = []
-        if self.at_new_question and (m := _NEW_QUESTION.search(text)):
+        if self.at_new_question and (m := NEW_QUESTION.search(text)):
             hits.append((m.start(), "new_question"))
-        if self.at_answer and (m := _ANSWER_LINE.search(text)):
+        if self.at_answer and (m := ANSWER_LINE.search(text)):
             hits.append((m.end() - 1, "answer_line"))
         return min(hits) if hits else None
 

@@ -108,18 +108,39 @@ def adapter_base(path: str | Path) -> str:
     return json.loads((Path(path).expanduser() / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_adapter(path: str | Path, is_trainable: bool = False, **kwargs: Any):
-    """A LoRA adapter on its base; `bundled:` bases resolve here, so adapters stay portable across machines.
+def load_weights(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+                 quantization_config: Any = None, trainable_adapter: bool = False):
+    """The one loader, for evaluation and every training recipe: a Hub id, a model folder, `bundled:NAME`, or a LoRA
+    adapter folder on the base its config names (`bundled:` bases resolve here, so adapters stay portable).
 
-    Returns the PEFT model and the folder to read the tokenizer from.
+    Returns the model (a PEFT model for an adapter, its adapter trainable when asked), its tokenizer and resolved path.
     """
-    from peft import PeftModel
+    path = resolve_model_path(name)
+    if _is_local(path) and not Path(path).expanduser().is_dir():
+        raise GsmtuneError(f"model.name={name}: no such folder; give a Hub id, a model folder or bundled:gemma-3-270m")
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        if is_adapter(path):
+            from peft import PeftModel
 
-    path = str(Path(path).expanduser())
-    base_path = resolve_model_path(adapter_base(path))
-    base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-    model = PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
-    return model, (path if (Path(path) / "tokenizer_config.json").exists() else base_path)
+            path = str(Path(path).expanduser())
+            base_path = resolve_model_path(adapter_base(path))
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), path,
+                                              is_trainable=trainable_adapter)
+            tok_src = path if (Path(path) / "tokenizer_config.json").exists() else base_path
+        else:
+            model, tok_src = AutoModelForCausalLM.from_pretrained(path, **kwargs), path
+        tokenizer = load_tokenizer(tok_src, trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GsmtuneError(
+            f"could not load model '{name}': {first} (offline? use a local folder or bundled:gemma-3-270m)"
+        ) from e
+    return model, tokenizer, path
 
 
 def _contiguous_head_input(model) -> None:
@@ -133,27 +154,10 @@ def _contiguous_head_input(model) -> None:
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str | None = None) -> LoadedModel:
-    """Load for inference: a LoRA adapter folder is loaded on top of the base its config names."""
-    path = resolve_model_path(name)
-    if _is_local(path) and not Path(path).expanduser().is_dir():
-        raise GsmtuneError(f"model.name={name}: no such folder; give a Hub id, a model folder or bundled:gemma-3-270m")
+    """Load for inference on the chosen device, in the chosen dtype."""
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        if is_adapter(path):
-            model, tok_src = load_adapter(path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-            tok_src = path
-        tokenizer = load_tokenizer(tok_src, trust_remote_code)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GsmtuneError(
-            f"could not load model '{name}': {first} (offline? use a local folder or bundled:gemma-3-270m)"
-        ) from e
+    model, tokenizer, path = load_weights(name, torch_dtype, trust_remote_code, attn_implementation)
     model.to(dev).eval()
     _contiguous_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype, path=path)

@@ -10,7 +10,6 @@ from pathlib import Path
 from gsmtune.analysis import (
     CATEGORIES,
     CATEGORY_RULES,
-    Run,
     all_pairs,
     changed_problems,
     contamination,
@@ -18,6 +17,7 @@ from gsmtune.analysis import (
     summary_rows,
     with_votes,
 )
+from gsmtune.runs import Run
 
 
 def _pct(x: float) -> str:

@@ -9,10 +9,10 @@ from omegaconf import DictConfig
 
 from gsmtune.answers import gold_answer
 from gsmtune.errors import GsmtuneError
-from gsmtune.models import is_adapter, load_adapter, load_tokenizer, resolve_model_path
+from gsmtune.models import is_adapter, load_weights, resolve_model_path
 from gsmtune.prompts import build_prompt
+from gsmtune.training.common import peft_config, trainer_args, training_attention
 from gsmtune.training.rewards import correctness_reward, format_reward
-from gsmtune.training.sft import peft_config, trainer_args, training_attention
 
 
 def grpo_rows(problems: list, cfg: DictConfig, tokenizer) -> list[dict]:
@@ -22,20 +22,15 @@ def grpo_rows(problems: list, cfg: DictConfig, tokenizer) -> list[dict]:
 
 
 def load_policy(cfg: DictConfig, bf16: bool):
-    """A base/full model folder, or a LoRA adapter folder whose adapter keeps training (`is_trainable`)."""
-    from transformers import AutoModelForCausalLM
-
+    """A base/full model folder, or a LoRA adapter folder whose adapter keeps training; and whether to add a new LoRA."""
     path = resolve_model_path(cfg.model.name)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if is_adapter(path):
-        model, tok_src = load_adapter(path, is_trainable=True, dtype=dtype)
-        return model, load_tokenizer(tok_src), path, False
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=training_attention(cfg, path),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    return model, load_tokenizer(path, cfg.model.trust_remote_code), path, cfg.training.grpo.use_lora
+    model, tokenizer, path = load_weights(cfg.model.name, torch.bfloat16 if bf16 else torch.float32,
+                                          cfg.model.trust_remote_code, training_attention(cfg, path),
+                                          trainable_adapter=True)
+    return model, tokenizer, path, cfg.training.grpo.use_lora and not is_adapter(path)
 
 
-def build_grpo_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems: list, device: torch.device,
+def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems: list, device: torch.device,
                        optim: str, bf16: bool):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer

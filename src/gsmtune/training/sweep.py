@@ -49,7 +49,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
     import optuna
 
     from gsmtune.evaluate import run_eval
-    from gsmtune.training.sft import run_train
+    from gsmtune.training.driver import run_train
 
     cfg = load_config(config_path, overrides)
     if cfg.dataset.validation_size <= 0:

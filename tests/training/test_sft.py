@@ -6,28 +6,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import GLIBC, PROBLEMS
+from conftest import GLIBC, PROBLEMS, overrides
 
 from gsmtune.allocator import KEPT
-from gsmtune.cli import main
+from gsmtune.cli import CONFIGS, main
 from gsmtune.config import load_config
 from gsmtune.errors import GsmtuneError
 
 
-def overrides(model_dir, data, out, *more):
-    return [f"model.name={model_dir}", "dataset.source=local", f"dataset.path={data}", "training.max_steps=4",
-            "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
-            "training.logging_steps=1", "training.save_steps=2", "training.learning_rate=1e-3",
-            "generation.max_new_tokens=8", "model.dtype=fp32", f"output_dir={out}", *more]
-
-
 def make_trainer(cfg, tmp_path):
     from gsmtune.data import train_validation_split
-    from gsmtune.training.sft import build_trainer, choose_runtime
+    from gsmtune.training.common import choose_runtime
+    from gsmtune.training.sft import build_trainer
 
     train, val = train_validation_split(cfg)
     optim, bf16 = choose_runtime(cfg.training, torch.device("cpu"))
@@ -59,7 +52,7 @@ def test_loss_only_on_answer_and_eos(tiny_model_dir, train_dir, tmp_path, chat):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_reduces_loss(tiny_model_dir, train_dir, tmp_path, method):
     out = tmp_path / method
-    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, f"training.method={method}",
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, f"training.method={method}",
                                                          "training.max_steps=12", "training.learning_rate=5e-3",
                                                          "training.lora.r=8", "training.lr_scheduler_type=constant")]) == 0
     m = json.loads((out / "train_metrics.json").read_text())
@@ -77,7 +70,7 @@ def test_default_head_trains_to_trls_losses(tiny_model_dir, train_dir, tmp_path,
     curves = {}
     for head in (True, False):
         out = tmp_path / f"head-{head}"
-        assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=6",
+        assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=6",
                                                              f"training.answer_head={head}", "training.lora.dropout=0",
                                                              f"training.method={method}")]) == 0
         curves[head] = [p["loss"] for p in json.loads((out / "train_metrics.json").read_text())["loss_curve"]]
@@ -105,16 +98,16 @@ def test_answer_head_replaces_trls_only_where_trls_is_slow(tiny_model_dir, train
     (None, "cpu", 24, False), (None, "cpu", 16, True), (None, "cuda", 64, True), (True, "cpu", 64, True),
     (False, "cuda", 8, False)])
 def test_gradient_checkpointing_default(monkeypatch, setting, device, ram, expected):
-    from gsmtune.training import sft
-    from gsmtune.training.sft import checkpointing
+    from gsmtune.training import common
+    from gsmtune.training.common import checkpointing
 
-    monkeypatch.setattr(sft, "physical_memory_gib", lambda: ram)
+    monkeypatch.setattr(common, "physical_memory_gib", lambda: ram)
     cfg = load_config(None, [f"training.gradient_checkpointing={'null' if setting is None else setting}"])
     assert checkpointing(cfg.training, torch.device(device)) is expected
 
 
 def test_fallback_lines(capsys):
-    from gsmtune.training.sft import choose_runtime
+    from gsmtune.training.common import choose_runtime
 
     cfg = load_config(None, ["training.optim=adamw_bnb_8bit"])
     optim, _ = choose_runtime(cfg.training, torch.device("cpu"))
@@ -123,7 +116,7 @@ def test_fallback_lines(capsys):
 
 
 def test_qlora_needs_cuda(tiny_model_dir, train_dir, tmp_path, capsys):
-    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, tmp_path / "q", "training.method=qlora")]) == 2
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "q", "training.method=qlora")]) == 2
     assert "training.method=qlora needs CUDA" in capsys.readouterr().err
 
 
@@ -143,7 +136,7 @@ def test_validation_split_is_seeded_and_disjoint(train_dir):
 
 def test_validation_and_early_stopping_run(tiny_model_dir, train_dir, tmp_path):
     out = tmp_path / "v"
-    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "dataset.validation_size=4",
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, "dataset.validation_size=4",
                                                          "training.eval_steps=2",
                                                          "training.early_stopping_patience=3")]) == 0
     m = json.loads((out / "train_metrics.json").read_text())
@@ -152,24 +145,25 @@ def test_validation_and_early_stopping_run(tiny_model_dir, train_dir, tmp_path):
 
 def test_adapter_folder_evaluates_and_merges(tiny_model_dir, train_dir, tmp_path):
     out = tmp_path / "lora"
-    assert main(["run", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.merge=true")]) == 0
+    assert main(["run", "base", *overrides(tiny_model_dir, train_dir, out, "training.merge=true")]) == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == len(PROBLEMS)
     merged = tmp_path / "merged2"
     assert main(["merge", str(out / "model"), "-o", str(merged)]) == 0
     for model_dir in (out / "model", out / "merged", merged):  # the adapter, the flag-merged and the CLI-merged model
-        assert main(["eval", "configs/base.yaml", *overrides(model_dir, train_dir, tmp_path / f"e-{model_dir.name}")]) == 0
+        assert main(["eval", "base", *overrides(model_dir, train_dir, tmp_path / f"e-{model_dir.name}")]) == 0
     completions = [[json.loads(line)["completion"] for line in (tmp_path / f"e-{d}" / "predictions.jsonl").read_text().splitlines()]
                    for d in ("model", "merged", "merged2")]
     assert completions[0] == completions[1] == completions[2]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     """Killed after its first checkpoint, resumed: same final step and the same losses as an uninterrupted run."""
     steps = 30  # long enough that the kill lands mid-run even on a fast machine
 
     def cmd(out):
-        return [sys.executable, "-m", "gsmtune.cli", "train", "configs/base.yaml",
+        return [sys.executable, "-m", "gsmtune.cli", "train", "base",
                 *overrides(tiny_model_dir, train_dir, out, f"training.max_steps={steps}", "training.method=full")]
 
     ref = tmp_path / "ref"
@@ -194,11 +188,12 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
             assert resumed_steps[p["step"]] == pytest.approx(p["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
     """DDP over gloo on two CPU processes: trains, saves once, and each optimizer step sees both processes' batches."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
-           "--main_process_port", "29533", "-m", "gsmtune.cli", "train", "configs/base.yaml",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "cpu_2proc.yaml"),
+           "--main_process_port", "29533", "-m", "gsmtune.cli", "train", "base",
            *overrides(tiny_model_dir, train_dir, out, "training.max_steps=3", "training.bf16=false")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -213,7 +208,7 @@ def test_adapter_names_its_base_portably(tiny_model_dir, train_dir, tmp_path, mo
     """The adapter records the base as configured: a relative folder becomes absolute, and it loads from elsewhere."""
     monkeypatch.chdir(tiny_model_dir.parent)
     out = tmp_path / "lora"
-    assert main(["train", str(Path(__file__).parents[1] / "configs/base.yaml"),
+    assert main(["train", "base",
                  *overrides(tiny_model_dir.name, train_dir, out, "training.max_steps=1")]) == 0
     config = json.loads((out / "model" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
@@ -226,7 +221,7 @@ def test_adapter_names_its_base_portably(tiny_model_dir, train_dir, tmp_path, mo
 def test_tracker_without_its_package_is_one_line(monkeypatch, capsys):
     import importlib.util
 
-    from gsmtune.training.sft import choose_runtime
+    from gsmtune.training.common import choose_runtime
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -236,7 +231,7 @@ def test_tracker_without_its_package_is_one_line(monkeypatch, capsys):
 
 def test_tensorboard_tracking_writes_events(tiny_model_dir, train_dir, tmp_path):
     out = tmp_path / "tb"
-    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=2",
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=2",
                                                          "training.report_to=tensorboard")]) == 0
     assert list(out.rglob("events.out.tfevents.*"))
 
@@ -249,7 +244,7 @@ def test_tensorboard_tracking_writes_events(tiny_model_dir, train_dir, tmp_path)
 def test_training_attention(tmp_path, model_type, extra, expected):
     from transformers import AutoConfig
 
-    from gsmtune.training.sft import training_attention
+    from gsmtune.training.common import training_attention
 
     AutoConfig.for_model(model_type, **extra).save_pretrained(tmp_path)
     assert training_attention(load_config(None, []), str(tmp_path)) == expected

@@ -1,6 +1,6 @@
 import json
 
-from test_training import overrides
+from conftest import overrides
 
 from gsmtune.cli import main
 from gsmtune.training.rewards import correctness_reward, format_reward
@@ -16,7 +16,7 @@ def test_rewards_on_hand_made_completions():
 
 def test_grpo_steps_on_tiny_model_log_rewards(tiny_model_dir, train_dir, tmp_path):
     out = tmp_path / "grpo"
-    assert main(["train", "configs/base.yaml", *overrides(
+    assert main(["train", "base", *overrides(
         tiny_model_dir, train_dir, out, "training.method=grpo", "training.max_steps=2", "training.bf16=false",
         "training.per_device_train_batch_size=2", "training.grpo.num_generations=2",
         "training.grpo.max_completion_length=8")]) == 0
@@ -29,10 +29,23 @@ def test_grpo_steps_on_tiny_model_log_rewards(tiny_model_dir, train_dir, tmp_pat
 
 def test_grpo_continues_an_sft_adapter(tiny_model_dir, train_dir, tmp_path):
     sft = tmp_path / "sft"
-    assert main(["train", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, sft, "training.max_steps=1")]) == 0
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, sft, "training.max_steps=1",
+                                                                  "training.learning_rate=2e-2")]) == 0
     out = tmp_path / "grpo"
-    assert main(["train", "configs/base.yaml", *overrides(
+    assert main(["train", "base", *overrides(
         sft / "model", train_dir, out, "training.method=grpo", "training.max_steps=1", "training.bf16=false",
         "training.per_device_train_batch_size=2", "training.grpo.num_generations=2",
         "training.grpo.max_completion_length=8")]) == 0
     assert json.loads((out / "train_metrics.json").read_text())["global_step"] == 1
+    # the SFT adapter kept training: its lora_B (about 2e-2 after one step; a fresh adapter's starts at zero) moved by
+    # at most one GRPO step at lr 1e-3
+    from safetensors.torch import load_file
+
+    before, after = (load_file(d / "model" / "adapter_model.safetensors") for d in (sft, out))
+    assert before.keys() == after.keys()
+    b_keys = [k for k in before if "lora_B" in k]
+    assert all(before[k].abs().max() > 1e-2 for k in b_keys)
+    assert all((before[k] - after[k]).abs().max() < 5e-3 for k in b_keys)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["train"]["trained_model"]["method"] == "lora"
+    assert json.loads((out / "training_data.json").read_text())["includes"] == str(sft)

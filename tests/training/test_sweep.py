@@ -2,7 +2,7 @@ import json
 
 import optuna
 import pytest
-from test_training import overrides
+from conftest import overrides
 
 from gsmtune.cli import main
 
@@ -11,7 +11,7 @@ SPACE = ('sweep.space=[{key: training.learning_rate, type: float, low: 1.0e-4, h
 
 
 def sweep_cmd(model, data, out, trials):
-    return ["sweep", "configs/base.yaml", *overrides(model, data, out, "training.max_steps=2", "dataset.validation_size=4",
+    return ["sweep", "base", *overrides(model, data, out, "training.max_steps=2", "dataset.validation_size=4",
                                                       "dataset.train_samples=8", "generation.max_new_tokens=4"),
             SPACE, "--trials", str(trials)]
 
@@ -46,14 +46,14 @@ def test_sweep_resumes_after_interruption(tiny_model_dir, train_dir, tmp_path):
 
 
 def test_sweep_refuses_without_validation(tiny_model_dir, train_dir, tmp_path, capsys):
-    cmd = ["sweep", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, tmp_path / "s"), SPACE, "--trials", "1"]
+    cmd = ["sweep", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "s"), SPACE, "--trials", "1"]
     assert main(cmd) == 2
     assert "dataset.validation_size > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("entry", ["[{key: training.learning_rate, type: uniform, low: 1, high: 2}]", "[{type: float}]"])
 def test_bad_space_entry(tiny_model_dir, train_dir, tmp_path, capsys, entry):
-    cmd = ["sweep", "configs/base.yaml", *overrides(tiny_model_dir, train_dir, tmp_path / "s", "dataset.validation_size=4"),
+    cmd = ["sweep", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "s", "dataset.validation_size=4"),
            f"sweep.space={entry}", "--trials", "1"]
     assert main(cmd) == 2
     assert "needs 'key' and a 'type'" in capsys.readouterr().err

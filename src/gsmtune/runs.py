@@ -1,0 +1,246 @@
+"""The run folder, the one contract between stages: its files, create / resume / refuse, reading it back, provenance.
+
+    RUN/config.yaml          the resolved config, written first (a resume must match it)
+    RUN/provenance.json      per stage (train, eval): which code, libraries, device and dtype ran it; an evaluation
+                             of a trained model also names the training that made it
+    RUN/predictions.jsonl    one scored problem per line, appended as problems finish (an interrupted eval resumes)
+    RUN/metrics.json         written last by evaluation
+    RUN/train_metrics.json   written last by training
+    RUN/training_data.json   a hash of every training question, exact and number-normalised (contamination checks)
+    RUN/model/               the trained weights: a LoRA adapter or a full model folder
+    RUN/merged/              the adapter folded into its base (training.merge=true)
+    RUN/checkpoints/         the trainer's checkpoints (`--resume`)
+
+Analysis reads a run folder alone: no model, no dataset, no other folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gsmtune.config import config_differences, to_yaml
+from gsmtune.errors import GsmtuneError
+from gsmtune.gsm8k_format import normalize_question
+
+CONFIG = "config.yaml"
+PROVENANCE = "provenance.json"
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+TRAIN_METRICS = "train_metrics.json"
+TRAINING_DATA = "training_data.json"
+MODEL = "model"
+MERGED = "merged"
+CHECKPOINTS = "checkpoints"
+
+FORMAT = 2  # 1: folders from before provenance.json (read through `_upgrade`)
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+
+
+def prepare(cfg: DictConfig, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder, refusing to mix this run with an earlier one that used another config."""
+    out = Path(cfg.output_dir)
+    saved = out / CONFIG
+    if saved.exists():
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            if not resume:
+                raise GsmtuneError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+            diff = config_differences(OmegaConf.load(saved), cfg)
+            if diff:
+                raise GsmtuneError(
+                    f"{out} holds a run with a different config ({', '.join(diff[:5])}); "
+                    "use another output_dir or --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(to_yaml(cfg))
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- provenance --------------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    """The commit of the gsmtune checkout in use, '+dirty' when it has changes; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(device: str, dtype: str) -> dict:
+    """What made a run: enough to re-run it with the same code and libraries, and to tell runs apart."""
+    return {"gsmtune": _version("gsmtune"), "git_commit": git_commit(),
+            "python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES},
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "device": device, "dtype": dtype, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path: str | None = None) -> None:
+    """Record this stage's (train or eval) provenance, and which gsmtune training made the model it started from. An
+    evaluation also copies that training's question hashes, so the folder answers "which method" and "which training
+    questions" by itself."""
+    record = provenance(device, dtype)
+    trained = trained_by(model_path)
+    if trained is not None:
+        run, train_metrics = trained
+        record["trained_model"] = {"run": str(run), "method": train_metrics["method"], "model": train_metrics["model"]}
+        if stage == "eval" and (run / TRAINING_DATA).exists() and run.resolve() != out.resolve():
+            shutil.copyfile(run / TRAINING_DATA, out / TRAINING_DATA)
+    path = out / PROVENANCE
+    stages = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
+
+
+def trained_by(model_path: str | None) -> tuple[Path, dict] | None:
+    """The run folder and training metrics of a model gsmtune trained (RUN/model or RUN/merged); else None."""
+    if not model_path:
+        return None
+    run = Path(model_path).expanduser().parent
+    f = run / TRAIN_METRICS
+    return (run, json.loads(f.read_text())) if f.is_file() else None
+
+
+# --- training data fingerprint -----------------------------------------------------------------------------------
+
+
+def question_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def fingerprint(questions: list[str]) -> dict:
+    """Hashes of each question, exact (stripped) and number-normalised; sorted, so the file says nothing of order."""
+    return {"questions": len(questions), "hash": "sha256[:16]",
+            "exact": sorted({question_hash(q.strip()) for q in questions}),
+            "normalized": sorted({question_hash(normalize_question(q)) for q in questions})}
+
+
+def write_training_data(out: Path, questions: list[str], model_path: str | None = None) -> None:
+    """The hashes of this run's training questions, plus those of the gsmtune training its model started from (GRPO
+    on an SFT adapter saw both sets)."""
+    record = fingerprint(questions)
+    trained = trained_by(model_path)
+    earlier = _read_json(trained[0] / TRAINING_DATA) if trained is not None else None
+    if earlier:
+        record |= {"questions": record["questions"] + earlier["questions"], "includes": str(trained[0]),
+                   **{k: sorted(set(record[k]) | set(earlier[k])) for k in ("exact", "normalized")}}
+    (out / TRAINING_DATA).write_text(json.dumps(record) + "\n")
+
+
+# --- reading a run back ------------------------------------------------------------------------------------------
+
+
+def read_predictions(path: Path, repair: bool = False) -> dict[int, dict]:
+    """Predictions by problem index, skipping a torn line (a run killed mid-write); `repair` also rewrites the file
+    without it, so a resumed evaluation redoes that problem."""
+    done: dict[int, dict] = {}
+    if not path.exists():
+        return done
+    text = path.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[row["index"]] = row
+    clean = "".join(json.dumps(r) + "\n" for r in done.values())
+    if repair and clean != text:
+        path.write_text(clean, encoding="utf-8")
+    return done
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict
+    metrics: dict
+    predictions: dict[int, dict]
+    provenance: dict
+    train_metrics: dict | None = None
+    training_data: dict | None = None
+
+    @property
+    def trained_method(self) -> str | None:
+        """The training method behind the answers: this run's own, or that of the model folder it evaluated."""
+        if self.train_metrics:
+            return self.train_metrics["method"]
+        return self.provenance.get("eval", {}).get("trained_model", {}).get("method")
+
+    @property
+    def method(self) -> str:
+        """What produced the answers: the training, the prompt for in-context or re-evaluated runs, the calculator,
+        and the dtype decoding ran in (it moves bf16 results)."""
+        trained = self.trained_method
+        text = ("GRPO" if trained == "grpo" else f"{trained} SFT") if trained else ""
+        if not self.train_metrics:
+            p = self.config.get("prompt", {})
+            prompt = p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
+            text = f"{text}, {prompt}" if text else prompt
+        text += " + calculator" if self.config.get("generation", {}).get("calculator") else ""
+        dtype = self.provenance.get("eval", {}).get("dtype")
+        return text + (f" [{dtype}]" if dtype else "")
+
+    @property
+    def dataset(self) -> str:
+        d = self.config.get("dataset", {})
+        return f"{d.get('config_name', '?')} ({d.get('source', '?')})"
+
+
+def _upgrade(run: Run) -> Run:
+    """Folders from before FORMAT 2 (no provenance.json): the dtype from metrics or config, the training from a
+    train_metrics.json beside the model folder it evaluated. The one place older layouts are read."""
+    if run.provenance.get("format", 1) >= FORMAT:
+        return run
+    configured = run.config.get("model", {}).get("dtype", "auto")
+    dtype = run.metrics.get("dtype") or (configured if configured != "auto" else None)
+    run.provenance = {"format": 1, "eval": {"dtype": dtype}}
+    trained = trained_by(run.metrics.get("model_path")) if not run.train_metrics else None
+    if trained is not None:
+        run.provenance["eval"]["trained_model"] = {"run": str(trained[0]), "method": trained[1]["method"]}
+    return run
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    path = Path(path)
+    if not (path / METRICS).exists() or not (path / PREDICTIONS).exists():
+        raise GsmtuneError(f"{path} is not a finished evaluation run (no {METRICS} / {PREDICTIONS})")
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG)) if (path / CONFIG).exists() else {}
+    return _upgrade(Run(path=path, name=name or path.name, config=config, metrics=json.loads((path / METRICS).read_text()),
+                        predictions=read_predictions(path / PREDICTIONS), provenance=_read_json(path / PROVENANCE) or {},
+                        train_metrics=_read_json(path / TRAIN_METRICS), training_data=_read_json(path / TRAINING_DATA)))
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every finished evaluation run under `root` (the folder itself included), named by its relative path."""
+    root = Path(root)
+    found = sorted(p.parent for p in root.rglob(METRICS) if (p.parent / PREDICTIONS).exists())
+    if not found:
+        raise GsmtuneError(f"no runs (folders with {METRICS} and {PREDICTIONS}) under {root}")
+    return [load_run(p, str(p.relative_to(root)) if p != root else p.name) for p in found]

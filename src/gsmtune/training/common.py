@@ -1,0 +1,164 @@
+"""What every training recipe shares: runtime fallbacks, trainer arguments, the LoRA config, the attention choice,
+checkpoints, and the adapter's base name and merge. Recipes (sft.py, grpo.py) import this; nothing here imports them."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from gsmtune.errors import GsmtuneError
+from gsmtune.models import adapter_base, bf16_supported, is_adapter, load_weights, resolve_model_path
+from gsmtune.runs import CHECKPOINTS
+
+
+def say(message: str) -> None:
+    print(f"gsmtune: {message}", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` / torchrun job (or a plain single process): the one that writes the run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
+    """The optimizer and precision this machine can run, saying in one line what replaces an impossible choice."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(t.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise GsmtuneError(f"training.report_to={t.report_to} needs its package: pip install {package} (or report_to=none)")
+    optim, bf16 = t.optim, bool(t.bf16)
+    if "bnb" in optim or "8bit" in optim:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            bnb = False
+        else:
+            bnb = device.type == "cuda"
+        if not bnb:
+            say(f"training.optim={optim} needs CUDA and bitsandbytes; using adamw_torch instead")
+            optim = "adamw_torch"
+    if bf16 and not bf16_supported(device):
+        say(f"training.bf16=true but this {device.type} has no bf16 support; training in fp32 instead")
+        bf16 = False
+    return optim, bf16
+
+
+def training_attention(cfg: DictConfig, path: str) -> str | None:
+    """The configured attention, else `eager` where the model soft-caps attention logits (Gemma 2): sdpa cannot, and
+    its model card asks for eager. Elsewhere (Gemma 1 and 3 too) the library's default, sdpa: exact and faster."""
+    from transformers import AutoConfig
+
+    if cfg.model.attn_implementation:
+        return cfg.model.attn_implementation
+    if is_adapter(path):
+        path = resolve_model_path(adapter_base(path))
+    text = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).get_text_config()
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else None
+
+
+def peft_config(cfg: DictConfig):
+    if cfg.training.method == "full":
+        return None
+    from peft import LoraConfig
+
+    lc = cfg.training.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                      task_type="CAUSAL_LM")
+
+
+CHECKPOINTING_OFF_MIN_RAM_GIB = 20  # peaks measured with it off, batch 8, longest GSM8K rows: LoRA 11.2, full 14.1 GiB
+
+
+def physical_memory_gib() -> float:
+    """RAM this process may use: the machine's, capped by a cgroup (container) limit; 0 where unknown (Windows)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0.0
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            ram = min(ram, int(Path(limit).read_text().split()[0]))
+        except (OSError, ValueError):  # no such file, or "max"
+            continue
+    return ram / 2**30
+
+
+def checkpointing(t: DictConfig, device: torch.device) -> bool:
+    """Gradient checkpointing as configured; unset, off on CPUs with >= 20 GiB of RAM (recomputing the forward costs
+    time, and the measured peaks without it fit: BENCHMARKS.md) and on elsewhere (GPU memory is the limit)."""
+    if t.gradient_checkpointing is not None:
+        return bool(t.gradient_checkpointing)
+    return device.type != "cpu" or physical_memory_gib() < CHECKPOINTING_OFF_MIN_RAM_GIB
+
+
+def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device) -> dict[str, Any]:
+    """`TrainingArguments` shared by the SFT and GRPO recipes, from the config's `training.*` keys."""
+    t = cfg.training
+    return {
+        "output_dir": str(out / CHECKPOINTS),
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "lr_scheduler_kwargs": {"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
+        "warmup_steps": t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "optim": optim,
+        "bf16": bf16,
+        "use_cpu": device.type == "cpu",
+        "activation_checkpointing": checkpointing(t, device),  # transformers 5's name for gradient checkpointing
+        "activation_checkpointing_kwargs": {"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "report_to": [] if t.report_to == "none" else [t.report_to],
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+    }
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    ckpts = sorted((out / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def name_base(adapter: Path, model_name: str) -> None:
+    """Record the base as the config named it (`bundled:...`, a Hub id, an absolute folder), not a cache path."""
+    path = resolve_model_path(model_name)
+    if is_adapter(path):  # trained on top of another adapter: same base
+        base = adapter_base(path)
+    else:
+        base = model_name if model_name.startswith("bundled:") or not Path(model_name).exists() else str(Path(model_name).resolve())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def merge_adapter(adapter_dir: Path, target: Path) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain safetensors model folder."""
+    model, tokenizer, _ = load_weights(str(adapter_dir), torch.float32)
+    model.merge_and_unload().save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

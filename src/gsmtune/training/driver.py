@@ -1,0 +1,103 @@
+"""`gsmtune train`: the run folder around one recipe, chosen by `training.method` (full, lora, qlora: SFT; grpo)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gsmtune.models import is_adapter, pick_device
+from gsmtune.runs import MERGED, MODEL, TRAIN_METRICS, prepare, write_provenance, write_training_data
+from gsmtune.training.common import (
+    choose_runtime,
+    is_main_process,
+    latest_checkpoint,
+    merge_adapter,
+    name_base,
+    peak_memory_gib,
+    say,
+)
+
+RECIPES = {"full": "sft", "lora": "sft", "qlora": "sft", "grpo": "grpo"}  # each module has build_trainer(...)
+
+
+def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train, save the model (adapter for LoRA) as safetensors in RUN/model, and write RUN/train_metrics.json."""
+    from gsmtune.allocator import keep_freed_memory
+    from gsmtune.allocator import status as allocator_status
+    from gsmtune.data import train_validation_split
+
+    start = time.time()
+    device = pick_device(cfg.model.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # before the model loads: see allocator.py
+    train_problems, val_problems = train_validation_split(cfg)
+    optim, bf16 = choose_runtime(cfg.training, device)
+    if is_main_process():
+        out = prepare(cfg, resume, overwrite)
+        write_provenance(out, "train", str(device), "bfloat16" if bf16 else "float32", cfg.model.name)
+        write_training_data(out, [p.question for p in train_problems], cfg.model.name)
+    else:  # other ranks leave the run folder to rank 0; the trainer synchronises them
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / TRAIN_METRICS).exists():  # written last: training finished
+        say(f"{out} already holds a trained model; nothing to resume")
+        return out / MODEL
+    checkpoint = latest_checkpoint(out) if resume else None
+    recipe = importlib.import_module(f"gsmtune.training.{RECIPES[cfg.training.method]}")
+    trainer, path = recipe.build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
+    args, tokenizer = trainer.args, trainer.processing_class
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    say(f"training {cfg.training.method} on {len(trainer.train_dataset)} problems; optimizer {optim}, "
+        f"{'bf16' if bf16 else 'fp32'}, {trainable:,} trainable parameters" + (f"; resuming {checkpoint}" if checkpoint else ""))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    final = out / MODEL
+    trainer.save_model(str(final))  # safetensors: the adapter for LoRA, the full model otherwise (rank 0 writes)
+    if not trainer.is_world_process_zero():
+        return final
+    tokenizer.save_pretrained(final)
+    if is_adapter(final):
+        name_base(final, cfg.model.name)
+    if cfg.training.merge and cfg.training.method != "full":
+        merge_adapter(final, out / MERGED)
+    history = trainer.state.log_history
+    metrics = {
+        "method": cfg.training.method,
+        "model": cfg.model.name,
+        "base_model_path": path,
+        "optimizer": optim,
+        "precision": "bf16" if bf16 else "fp32",
+        "device": str(device),
+        "trainable_parameters": trainable,
+        "train_examples": len(trainer.train_dataset),
+        "validation_examples": len(val_problems),
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "examples_seen": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * args.world_size,
+        "world_size": args.world_size,
+        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        "train_loss_mean": result.training_loss,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        # frac_reward_zero_std: share of prompts whose completions all scored alike, which give GRPO no gradient
+        "reward_curve": [{"step": h["step"]} | {k: v for k, v in h.items()
+                                                if k.startswith("reward") or k == "frac_reward_zero_std"}
+                         for h in history if "reward" in h],
+        "train_runtime_seconds": result.metrics.get("train_runtime"),
+        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
+        if result.metrics.get("train_runtime") else None,
+        "peak_memory_gib": peak_memory_gib(device),
+        "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        "wall_time_seconds": time.time() - start,
+        "resumed_from": checkpoint,
+        "allocator": allocator_status(),  # as glibc accepted it in the process that trained
+    }
+    (out / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    return final
