@@ -123,3 +123,16 @@ def write_run(path, rows, config="seed: 1\n"):
     correct = sum(r["correct"] for r in rows)
     (path / "metrics.json").write_text(json.dumps({"correct": correct, "total": len(rows), "accuracy": correct / len(rows)}))
     return load_run(path)
+
+
+def sliding_model(tokenizer, seed: int):
+    """A tiny random Gemma 3 whose first layer has a 6-position sliding window (decodes soon outgrow it)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()

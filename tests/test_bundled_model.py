@@ -44,3 +44,10 @@ def test_quickstart_on_bundled_model(tmp_path, capsys):
     assert train["global_step"] == 2 and train["method"] == "lora" and train["final_loss"] > 0
     printed = capsys.readouterr().out
     assert "baseline" in printed and "tuned" in printed
+
+
+def test_ask_the_bundled_model(capsys):
+    """`gsmtune ask` end to end: asked the one-shot example's own question, the model answers 72."""
+    assert main(["ask", "bundled:gemma-3-270m", ONE_SHOT_QUESTION, "--strategy", "one_shot", "--max-new-tokens", "64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "answer: 72" and any("####" in line for line in out)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import sliding_model
 
 from gsmtune.generation import Completion, RowText, StopRules, _finish, generate, left_pad, stop_token_ids
 
@@ -126,17 +127,11 @@ def test_greedy_matches_hf_generate_and_finished_rows_leave(tiny_model_dir, tiny
 def test_continuous_batching_matches_one_by_one(tiny_tokenizer, monkeypatch):
     """Rows finish at different steps, waiting prompts join the running batch, padding columns are trimmed, and the
     timeline outgrows the sliding window: every completion still equals its prompt run alone."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from gsmtune import generation
     from gsmtune.config import load_config
 
     tok = tiny_tokenizer
-    torch.manual_seed(1)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    model = sliding_model(tok, seed=1)
     texts = ["Question: Tom has 3 apples and 4 pears\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:",
              "Question: Sara buys 12 eggs at $2 each\nAnswer:", "Question: half of 10\nAnswer:"]
     prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]

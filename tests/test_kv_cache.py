@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import sliding_model
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from gsmtune.kv_cache import SPARE, GrowingLayer, GrowingSlidingWindowLayer, new_cache, supports_joining, trim
@@ -61,17 +62,11 @@ def test_a_trimmed_cache_keeps_its_buffer(tiny_model_dir):
 
 def test_long_greedy_decoding_matches_hf_generate(tiny_tokenizer):
     """Past the spare room and the sliding window, the decode loop on growing layers gives HF `generate`'s tokens."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from gsmtune.config import load_config
     from gsmtune.generation import StopRules, generate, left_pad, stop_token_ids
 
     tok = tiny_tokenizer
-    torch.manual_seed(2)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    model = sliding_model(tok, seed=2)
     prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]]
                for t in ["Question: Tom has 3 apples\nAnswer:", "Question: 7\nAnswer:"]]
     steps = SPARE + 30

@@ -128,6 +128,17 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(side_by_side(tuned, run_eval(tuned, resume=True, model_path=str(model_dir))))
 
 
+def cmd_ask(args: argparse.Namespace) -> None:
+    from gsmtune.ask import ask, ask_config, questions_from
+
+    questions = questions_from(args.questions, sys.stdin)
+    flags = {"prompt.strategy": args.strategy, "prompt.instruction": args.instruction,
+             "prompt.chat_template": args.chat_template, "generation.max_new_tokens": args.max_new_tokens,
+             "generation.calculator": args.calculator or None, "generation.num_samples": args.samples,
+             "generation.do_sample": True if args.samples and args.samples > 1 else None, "model.dtype": args.dtype}
+    ask(ask_config(args.model, [f"{k}={v}" for k, v in flags.items() if v is not None]), questions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsmtune", description="Fine-tune and evaluate small LMs on GSM8K.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="report.html")
     p.add_argument("--markdown", help="markdown copy (default: OUTPUT with .md; plots in OUTPUT_files/)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ask", help="ask a model (base, trained run, adapter) your own question; streams the answer")
+    p.add_argument("model", help="a run folder, RUN/model, an adapter or model folder, a Hub id or bundled:gemma-3-270m")
+    p.add_argument("questions", nargs="+", metavar="QUESTION", help="in quotes; '-' reads one question per line from stdin")
+    p.add_argument("--strategy", choices=["zero_shot", "one_shot", "few_shot"], help="default: the run's own, else zero_shot")
+    p.add_argument("--instruction", action=argparse.BooleanOptionalAction, help="the reference study's instruction")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, help="the tokenizer's chat template")
+    p.add_argument("--calculator", action="store_true", help="compute the results of <<expression=...>> annotations")
+    p.add_argument("--samples", type=int, help="k > 1: k sampled answers beside the greedy one, and their majority vote")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--dtype", help="auto (default), bf16 or fp32")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("quickstart", help="offline demo: evaluate the bundled Gemma 3 270M, LoRA-tune it briefly, evaluate again")
     run_options(p)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +129,10 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0,
-           batch_size: int | None = None) -> Iterator[tuple[int, Completion]]:
-    """Yield (prompt index, completion) as rows finish, each cut at its first stop rule.
+           batch_size: int | None = None, on_text: Callable[[int, str], None] | None = None
+           ) -> Iterator[tuple[int, Completion]]:
+    """Yield (prompt index, completion) as rows finish, each cut at its first stop rule; `on_text(row, text)` sees
+    each row's text as it grows (before the cut).
 
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
     done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
@@ -173,6 +175,8 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
             if calculator is not None:
                 token = calculator.next_token(row, text.text, token)
             text.append(token)
+            if on_text is not None:
+                on_text(row, text.text)
             if token in eos_ids or len(text.tokens) >= gen_cfg.max_new_tokens or rules.find(text.text) is not None:
                 done = _finish(tokenizer, texts.pop(row).tokens, eos_ids, rules)
                 if calculator is not None:

@@ -38,14 +38,15 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     optim, bf16 = choose_runtime(cfg.training, device)
     if is_main_process():
         out = prepare(cfg, resume, overwrite)
-        write_provenance(out, "train", str(device), "bfloat16" if bf16 else "float32", cfg.model.name)
-        write_training_data(out, [p.question for p in train_problems], cfg.model.name)
     else:  # other ranks leave the run folder to rank 0; the trainer synchronises them
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
     if resume and (out / TRAIN_METRICS).exists():  # written last: training finished
         say(f"{out} already holds a trained model; nothing to resume")
         return out / MODEL
+    if is_main_process():  # a resumed training records the process that finishes it
+        write_provenance(out, "train", str(device), "bfloat16" if bf16 else "float32", cfg.model.name)
+        write_training_data(out, [p.question for p in train_problems], cfg.model.name)
     checkpoint = latest_checkpoint(out) if resume else None
     recipe = importlib.import_module(f"gsmtune.training.{RECIPES[cfg.training.method]}")
     trainer, path = recipe.build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
