@@ -3,9 +3,10 @@ import pytest
 from gsmtune.config import REFERENCE_INSTRUCTION, load_config
 from gsmtune.data import Problem
 from gsmtune.errors import GsmtuneError
-from gsmtune.prompts import ONE_SHOT_ANSWER, ONE_SHOT_QUESTION, build_prompt, shots_for, tokenize_prompt
+from gsmtune.prompts import ONE_SHOT_ANSWERS, ONE_SHOT_QUESTION, build_prompt, shots_for, tokenize_prompt
 
 Q = "How many legs do 3 cats have?"
+ONE_SHOT_ANSWER = ONE_SHOT_ANSWERS["study"]  # the default
 NATALIA = f"Question: {ONE_SHOT_QUESTION}\nAnswer: {ONE_SHOT_ANSWER}"
 TRAIN = [Problem(0, "One plus one?", "1+1=2\n#### 2"), Problem(1, "Two times three?", "2*3=6\n#### 6"),
          Problem(2, "Ten minus four?", "10-4=6\n#### 6")]
@@ -34,14 +35,22 @@ def test_raw_prompt_exact_text(overrides, expected):
     assert prompt_for(*overrides) == expected
 
 
-def test_one_shot_example_is_a_solved_problem_in_gsm8k_format():
-    """The example teaches the format the scorer reads: a strict '#### 72' answer and calculations that check out."""
+@pytest.mark.parametrize("example", ["study", "gsm8k"])
+def test_one_shot_examples_are_solved_problems_in_gsm8k_format(example):
+    """Both examples teach the format the scorer reads: a strict '#### 72' answer and calculations that check out."""
     from gsmtune.analysis import calculations
     from gsmtune.answers import extract_strict
 
-    assert "48" in ONE_SHOT_QUESTION and extract_strict(ONE_SHOT_ANSWER) == "72"
-    calcs = calculations(ONE_SHOT_ANSWER)
-    assert calcs and all(c.correct for c in calcs)
+    answer = ONE_SHOT_ANSWERS[example]
+    assert "48" in ONE_SHOT_QUESTION and extract_strict(answer) == "72"
+    calcs = calculations(answer)
+    assert len(calcs) == 2 and all(c.correct for c in calcs)
+    shots = shots_for(load_config(None, ["prompt.strategy=one_shot", f"prompt.one_shot_example={example}"]).prompt, None)
+    assert [(s.question, s.answer) for s in shots] == [(ONE_SHOT_QUESTION, answer)]
+
+
+def test_the_study_example_is_the_default():
+    assert "so she sold 48 / 2 = 24 clips" in prompt_for("prompt.strategy=one_shot")
 
 
 def test_few_shot_without_train_split_is_an_error():

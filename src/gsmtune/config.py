@@ -48,6 +48,7 @@ class DatasetConfig:
 @dataclass
 class PromptConfig:
     strategy: str = "zero_shot"  # zero_shot | one_shot | few_shot
+    one_shot_example: str = "study"  # study: the reference study's worked answer | gsm8k: GSM8K's annotated gold text
     num_shots: int = 5  # few_shot: the first num_shots problems of the train split
     instruction: bool = False
     instruction_text: str = REFERENCE_INSTRUCTION
@@ -145,6 +146,7 @@ CHOICES = {
     "dataset.config_name": ("main", "socratic"),
     "dataset.source": ("hub", "local", "symbolic"),
     "prompt.strategy": ("zero_shot", "one_shot", "few_shot"),
+    "prompt.one_shot_example": ("study", "gsm8k"),
     "training.method": ("full", "lora", "qlora", "grpo"),
     "training.report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }

@@ -8,15 +8,19 @@ from omegaconf import DictConfig
 
 from gsmtune.errors import GsmtuneError
 
-# The reference study's one-shot example: the first GSM8K train problem with its gold solution.
+# The one-shot example: the first GSM8K train problem. Its answer as the reference study wrote it (the default), or
+# GSM8K's own gold solution with calculator annotations (`prompt.one_shot_example=gsm8k`).
 ONE_SHOT_QUESTION = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?"
 )
-ONE_SHOT_ANSWER = (
-    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
-)
+ONE_SHOT_ANSWERS = {
+    "study": ("Natalia sold 48 clips in April.\n"
+              "In May, she sold half as many clips as in April, so she sold 48 / 2 = 24 clips.\n"
+              "Altogether, Natalia sold 48 + 24 = 72 clips.\n#### 72"),
+    "gsm8k": ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"),
+}
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ def shots_for(prompt: DictConfig, train: list | None) -> list[Shot]:
     if prompt.strategy == "zero_shot":
         return []
     if prompt.strategy == "one_shot":
-        return [Shot(ONE_SHOT_QUESTION, ONE_SHOT_ANSWER)]
+        return [Shot(ONE_SHOT_QUESTION, ONE_SHOT_ANSWERS[prompt.one_shot_example])]
     if not train:
         raise GsmtuneError("few_shot needs the train split for its examples")
     return [Shot(p.question, p.answer) for p in train[: prompt.num_shots]]
