@@ -32,7 +32,7 @@ def settings(a) -> list[str]:
             f"training.method={a.method}", f"training.learning_rate={LR[a.method]}", "training.lr_scheduler_type=linear",
             f"training.per_device_train_batch_size={a.batch_size}", f"training.gradient_accumulation_steps={a.accumulation}",
             f"training.max_steps={a.max_steps}", "training.logging_steps=1", f"training.save_steps={a.max_steps + 1}",
-            "training.max_seq_length=512"]
+            "training.max_length=512"]
 
 
 class StepClock:

@@ -35,7 +35,7 @@ def test_quickstart_on_bundled_model(tmp_path, capsys):
     """The README's main job, shrunk: base eval, a 2-step LoRA run, eval of the adapter, two rows printed."""
     out = tmp_path / "qs"
     assert main(["quickstart", "num_eval_samples=3", "generation.max_new_tokens=32", "dataset.train_samples=8",
-                 "training.per_device_train_batch_size=4", "training.max_seq_length=256", f"output_dir={out}"]) == 0
+                 "training.per_device_train_batch_size=4", "training.max_length=256", f"output_dir={out}"]) == 0
     for run in ("base", "lora"):
         rows = [json.loads(line) for line in (out / run / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all(r["num_tokens"] > 0 for r in rows)

@@ -91,3 +91,22 @@ def test_unparsable_override_is_one_line():
     with pytest.raises(GsmtuneError, match="dataset.prompt_format in the command line was read as a mapping; quote") as e:
         load_config(None, ["dataset.prompt_format=Q: {question}"])
     assert "\n" not in str(e.value)
+
+
+def test_renamed_keys_keep_working(tmp_path):
+    """`training.max_seq_length` (gsmtune's old name) is read as TRL's `training.max_length`, in files, on the command
+    line and in the config.yaml of an older run folder, which a resume still accepts."""
+    from omegaconf import OmegaConf
+
+    from gsmtune.runs import prepare
+
+    assert load_config(None, ["training.max_seq_length=300"]).training.max_length == 300
+    (tmp_path / "old.yaml").write_text("training:\n  max_seq_length: 320\n")
+    assert load_config(tmp_path / "old.yaml").training.max_length == 320
+    assert load_config(tmp_path / "old.yaml", ["training.max_length=100"]).training.max_length == 100
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "training.max_length=320"])
+    (tmp_path / "run").mkdir()
+    saved = OmegaConf.to_container(cfg)
+    saved["training"]["max_seq_length"] = saved["training"].pop("max_length")
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert prepare(cfg, resume=True, overwrite=False) == tmp_path / "run"

@@ -108,7 +108,7 @@ class TrainingConfig:
     bf16: bool = True  # falls back to fp32 where the hardware has no bf16
     gradient_checkpointing: bool | None = None  # None: off on CPUs with >= 20 GiB RAM (faster; BENCHMARKS.md), else on
     answer_head: bool = True  # output layer on answer tokens only, in bf16 (softmax fp32), where TRL's own head cannot
-    max_seq_length: int = 512
+    max_length: int = 512  # tokens per training row (TRL's SFTConfig name; formerly max_seq_length)
     logging_steps: int = 10
     save_steps: int = 100
     save_total_limit: int = 2
@@ -156,6 +156,28 @@ RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training
                 "training.gradient_checkpointing", "training.answer_head")  # how a run goes, not what it learns
 
 
+# Keys renamed to the library's own names; the old spelling keeps working (config files, command lines, saved runs).
+RENAMED = {"training.max_seq_length": "training.max_length"}
+
+
+def upgrade_keys(data: dict) -> dict:
+    """`data` (changed in place) with renamed keys under their new names; the new name wins when both are given."""
+    for old, new in RENAMED.items():
+        *old_path, old_leaf = old.split(".")
+        *new_path, new_leaf = new.split(".")
+        parent = data
+        for part in old_path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        target = data
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target.setdefault(new_leaf, value)
+    return data
+
+
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     if not isinstance(node, dict):
         return [prefix]
@@ -195,6 +217,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise GsmtuneError(f"config {path} must be a mapping of keys to values")
     base = data.pop("base", None)
+    data = upgrade_keys(data)
     _check_keys(data, str(path))
     if base is None:
         return data
@@ -210,6 +233,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
         data = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # YAML parse errors of a value
         raise GsmtuneError(f"could not parse overrides {overrides}: {str(e).splitlines()[0]}; quote values holding ': '") from e
+    data = upgrade_keys(data)
     _check_keys(data, "the command line")
     return data
 
@@ -251,8 +275,8 @@ def _validate_training(t: DictConfig) -> None:
     if t.learning_rate <= 0 or t.per_device_train_batch_size <= 0 or t.gradient_accumulation_steps <= 0:
         raise GsmtuneError("training.learning_rate, per_device_train_batch_size and gradient_accumulation_steps "
                            "must be positive")
-    if t.max_seq_length <= 0 or not 0 <= t.warmup_ratio < 1 or t.lora.r <= 0 or not 0 <= t.lora.dropout < 1:
-        raise GsmtuneError("training.max_seq_length and training.lora.r must be positive, training.warmup_ratio and "
+    if t.max_length <= 0 or not 0 <= t.warmup_ratio < 1 or t.lora.r <= 0 or not 0 <= t.lora.dropout < 1:
+        raise GsmtuneError("training.max_length and training.lora.r must be positive, training.warmup_ratio and "
                            "training.lora.dropout in [0, 1)")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gsmtune.config import config_differences, to_yaml
+from gsmtune.config import config_differences, to_yaml, upgrade_keys
 from gsmtune.errors import GsmtuneError
 from gsmtune.gsm8k_format import normalize_question
 
@@ -56,7 +56,7 @@ def prepare(cfg: DictConfig, resume: bool, overwrite: bool) -> Path:
         else:
             if not resume:
                 raise GsmtuneError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-            diff = config_differences(OmegaConf.load(saved), cfg)
+            diff = config_differences(OmegaConf.create(upgrade_keys(OmegaConf.to_container(OmegaConf.load(saved)))), cfg)
             if diff:
                 raise GsmtuneError(
                     f"{out} holds a run with a different config ({', '.join(diff[:5])}); "

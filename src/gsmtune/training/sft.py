@@ -34,7 +34,7 @@ def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch
     from trl import SFTConfig
 
     t = cfg.training
-    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": t.max_seq_length, "completion_only_loss": True}
+    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": t.max_length, "completion_only_loss": True}
     if has_validation:
         args |= {"eval_strategy": "steps", "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.per_device_train_batch_size}
         if t.early_stopping_patience:
