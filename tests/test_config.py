@@ -110,3 +110,19 @@ def test_renamed_keys_keep_working(tmp_path):
     saved["training"]["max_seq_length"] = saved["training"].pop("max_length")
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     assert prepare(cfg, resume=True, overwrite=False) == tmp_path / "run"
+
+
+def test_trl_fields_pass_through_checked_by_name_and_type():
+    cfg = load_config(None, ["training.neftune_noise_alpha=5", "training.dataloader_num_workers=1"])
+    from gsmtune.config import passthrough
+
+    assert passthrough(cfg.training) == {"neftune_noise_alpha": 5, "dataloader_num_workers": 1}
+    with pytest.raises(GsmtuneError, match="neither gsmtune's nor a field of TRL's SFTConfig/GRPOConfig; did you mean "
+                                           "'training.neftune_noise_alpha'"):
+        load_config(None, ["training.neftune_noise_alfa=5"])
+    with pytest.raises(GsmtuneError, match="training.neftune_noise_alpha='loud': TRL's SFTConfig expects float"):
+        load_config(None, ["training.neftune_noise_alpha=loud"])
+    with pytest.raises(GsmtuneError, match="training.num_generations is a field of GRPOConfig, not of SFTConfig"):
+        load_config(None, ["training.num_generations=4"])
+    with pytest.raises(GsmtuneError, match="set output_dir"):
+        load_config(None, ["training.output_dir=/tmp/x"])

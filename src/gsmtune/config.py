@@ -6,7 +6,8 @@ A run folder's `config.yaml` is the fully resolved config, so any run can be rep
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +192,37 @@ def _schema_keys() -> set[str]:
     return set(_dotted_keys(OmegaConf.to_container(OmegaConf.structured(Config))))
 
 
+def trl_fields(method: str | None = None) -> set[str]:
+    """Field names of TRL's SFTConfig and/or GRPOConfig: `training.NAME` passes any of them through (trl is imported
+    only when a config does, 3 s)."""
+    import dataclasses
+
+    from trl import GRPOConfig, SFTConfig
+
+    configs = {"grpo": [GRPOConfig], None: [SFTConfig, GRPOConfig]}.get(method, [SFTConfig])
+    return {f.name for c in configs for f in dataclasses.fields(c)}
+
+
+def passthrough(training: DictConfig) -> dict[str, Any]:
+    """The `training.*` keys that are TRL's rather than gsmtune's, as given."""
+    ours = {f.name for f in fields(TrainingConfig)}
+    return {k: v for k, v in OmegaConf.to_container(training).items() if k not in ours}
+
+
 def _check_keys(data: dict, where: str) -> None:
     valid = _schema_keys()
     for key in _dotted_keys(data):
+        if key.startswith("training.") and key.split(".")[1] not in {k.split(".")[1] for k in valid
+                                                                       if k.startswith("training.")}:
+            name = key.split(".")[1]
+            if name not in trl_fields():
+                close = difflib.get_close_matches(name, sorted(trl_fields() | {f.name for f in fields(TrainingConfig)}), n=1)
+                hint = f"; did you mean 'training.{close[0]}'?" if close else ""
+                raise GsmtuneError(f"unknown config key '{key}' in {where}: neither gsmtune's nor a field of TRL's "
+                                   f"SFTConfig/GRPOConfig{hint}")
+            if name == "output_dir":
+                raise GsmtuneError(f"training.output_dir in {where}: the trainer writes under the run folder; set output_dir")
+            continue
         if key not in valid:
             leaves = (k for k in valid if not any(v.startswith(k + ".") for v in valid))
             parent = next((k for k in leaves if key.startswith(k + ".")), None)
@@ -261,8 +290,33 @@ def _validate(cfg: DictConfig) -> None:
     _validate_training(cfg.training)
 
 
+def _validate_passthrough(t: DictConfig) -> None:
+    """TRL fields given as training.*: fields of the method's config, with a value of a type its annotation allows."""
+    extra = passthrough(t)
+    if not extra:
+        return
+    import dataclasses
+
+    from trl import GRPOConfig, SFTConfig
+
+    config, other = (GRPOConfig, SFTConfig) if t.method == "grpo" else (SFTConfig, GRPOConfig)
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(config)}
+    for name, value in extra.items():
+        if name not in annotations:
+            raise GsmtuneError(f"training.{name} is a field of {other.__name__}, not of {config.__name__} "
+                               f"(training.method={t.method})")
+        allowed = [kind for word, kind in (("bool", bool), ("int", int), ("float", float), ("str", str))
+                   if re.search(rf"\b{word}\b", annotations[name])]
+        scalar = isinstance(value, (bool, int, float, str))
+        fits = any(isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+                   or (kind is float and isinstance(value, int) and not isinstance(value, bool)) for kind in allowed)
+        if allowed and scalar and not fits and not re.search(r"\b(Any|dict|list)\b", annotations[name]):
+            raise GsmtuneError(f"training.{name}={value!r}: TRL's {config.__name__} expects {annotations[name]}")
+
+
 def _validate_training(t: DictConfig) -> None:
     """Names transformers would reject only after the model has loaded, checked against its own lists up front."""
+    _validate_passthrough(t)
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
@@ -283,6 +337,7 @@ def _validate_training(t: DictConfig) -> None:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
     """Schema defaults <- base chain <- file <- command-line overrides, type-checked and validated."""
     cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg.training, False)  # TRL's own fields pass through (checked by name in _check_keys)
     try:
         if path is not None:
             cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))

@@ -249,3 +249,11 @@ def test_training_attention(tmp_path, model_type, extra, expected):
     AutoConfig.for_model(model_type, **extra).save_pretrained(tmp_path)
     assert training_attention(load_config(None, []), str(tmp_path)) == expected
     assert training_attention(load_config(None, ["model.attn_implementation=eager"]), str(tmp_path)) == "eager"
+
+
+def test_trl_fields_reach_the_trainer(tiny_model_dir, train_dir, tmp_path):
+    """training.NAME for a field gsmtune does not own goes to SFTConfig as given, after gsmtune's own arguments."""
+    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r", "training.neftune_noise_alpha=5",
+                                      "training.dataloader_num_workers=1"))
+    args = make_trainer(cfg, tmp_path).args
+    assert (args.neftune_noise_alpha, args.dataloader_num_workers) == (5, 1)

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from gsmtune.answers import gold_answer
+from gsmtune.config import passthrough
 from gsmtune.errors import GsmtuneError
 from gsmtune.models import is_adapter, load_weights, resolve_model_path
 from gsmtune.prompts import build_prompt
@@ -39,9 +40,10 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
     model, tokenizer, path, new_lora = load_policy(cfg, bf16)
     use_vllm = device.type == "cuda" and _has_vllm()
     try:
-        args = GRPOConfig(**trainer_args(cfg, out, optim, bf16, device),
-                          num_generations=g.num_generations, max_completion_length=g.max_completion_length, beta=g.beta,
-                          temperature=g.temperature, reward_weights=[g.correct_weight, g.format_weight], use_vllm=use_vllm)
+        args = GRPOConfig(**trainer_args(cfg, out, optim, bf16, device) | {
+            "num_generations": g.num_generations, "max_completion_length": g.max_completion_length, "beta": g.beta,
+            "temperature": g.temperature, "reward_weights": [g.correct_weight, g.format_weight], "use_vllm": use_vllm,
+        } | passthrough(cfg.training))  # TRL's own fields given as training.*, last: they win
         trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
                               train_dataset=Dataset.from_list(grpo_rows(train_problems, cfg, tokenizer)),
                               processing_class=tokenizer, peft_config=peft_config(cfg) if new_lora else None)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from gsmtune.config import passthrough
 from gsmtune.errors import GsmtuneError
 from gsmtune.models import is_adapter, load_weights, resolve_model_path
 from gsmtune.training.common import peft_config, say, trainer_args, training_attention
@@ -41,7 +42,7 @@ def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch
             # the best checkpoint can only be restored if checkpoints fall on evaluation steps
             args |= {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
                      "save_steps": t.eval_steps}
-    return SFTConfig(**args)
+    return SFTConfig(**args | passthrough(t))  # TRL's own fields given as training.*, last: they win
 
 
 def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems: list, device: torch.device,
