@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -192,31 +193,33 @@ def _schema_keys() -> set[str]:
     return set(_dotted_keys(OmegaConf.to_container(OmegaConf.structured(Config))))
 
 
-def trl_fields(method: str | None = None) -> set[str]:
-    """Field names of TRL's SFTConfig and/or GRPOConfig: `training.NAME` passes any of them through (trl is imported
-    only when a config does, 3 s)."""
+@cache
+def trl_fields() -> frozenset[str]:
+    """Field names of TRL's SFTConfig and GRPOConfig, which `training.NAME` passes through (trl is imported only when
+    a config names one: 3 s)."""
     import dataclasses
 
     from trl import GRPOConfig, SFTConfig
 
-    configs = {"grpo": [GRPOConfig], None: [SFTConfig, GRPOConfig]}.get(method, [SFTConfig])
-    return {f.name for c in configs for f in dataclasses.fields(c)}
+    return frozenset(f.name for c in (SFTConfig, GRPOConfig) for f in dataclasses.fields(c))
+
+
+def _ours() -> set[str]:
+    return {f.name for f in fields(TrainingConfig)}
 
 
 def passthrough(training: DictConfig) -> dict[str, Any]:
     """The `training.*` keys that are TRL's rather than gsmtune's, as given."""
-    ours = {f.name for f in fields(TrainingConfig)}
-    return {k: v for k, v in OmegaConf.to_container(training).items() if k not in ours}
+    return {k: v for k, v in OmegaConf.to_container(training).items() if k not in _ours()}
 
 
 def _check_keys(data: dict, where: str) -> None:
     valid = _schema_keys()
     for key in _dotted_keys(data):
-        if key.startswith("training.") and key.split(".")[1] not in {k.split(".")[1] for k in valid
-                                                                       if k.startswith("training.")}:
-            name = key.split(".")[1]
+        name = key.split(".")[1] if key.startswith("training.") else None
+        if name is not None and name not in _ours():  # not gsmtune's: one of TRL's fields, or a typo
             if name not in trl_fields():
-                close = difflib.get_close_matches(name, sorted(trl_fields() | {f.name for f in fields(TrainingConfig)}), n=1)
+                close = difflib.get_close_matches(name, sorted(trl_fields() | _ours()), n=1)
                 hint = f"; did you mean 'training.{close[0]}'?" if close else ""
                 raise GsmtuneError(f"unknown config key '{key}' in {where}: neither gsmtune's nor a field of TRL's "
                                    f"SFTConfig/GRPOConfig{hint}")
