@@ -48,15 +48,16 @@ class RowText:
         self.tokens: list[int] = []
         self.text = ""
         self._prefix = self._read = 0  # window start; end of the tokens already turned into text
+        self._before = ""  # the decode of tokens[_prefix:_read]: it changes only when the offsets move
 
     def append(self, token: int) -> None:
         self.tokens.append(token)
         decode = self.tokenizer.decode
-        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
         after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+        if len(after) > len(self._before) and not after.endswith("\ufffd"):
+            self.text += after[len(self._before):]
             self._prefix, self._read = self._read, len(self.tokens)
+            self._before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
 
 
 @dataclass
