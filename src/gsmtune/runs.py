@@ -113,9 +113,8 @@ def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path:
         record["trained_model"] = {"run": str(run), "method": train_metrics["method"], "model": train_metrics["model"]}
         if stage == "eval" and (run / TRAINING_DATA).exists() and run.resolve() != out.resolve():
             shutil.copyfile(run / TRAINING_DATA, out / TRAINING_DATA)
-    path = out / PROVENANCE
-    stages = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
+    stages = _read_json(out / PROVENANCE) or {}
+    (out / PROVENANCE).write_text(json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
 
 
 def trained_by(model_path: str | None) -> tuple[Path, dict] | None:
@@ -123,8 +122,8 @@ def trained_by(model_path: str | None) -> tuple[Path, dict] | None:
     if not model_path:
         return None
     run = Path(model_path).expanduser().parent
-    f = run / TRAIN_METRICS
-    return (run, json.loads(f.read_text())) if f.is_file() else None
+    train_metrics = _read_json(run / TRAIN_METRICS)
+    return (run, train_metrics) if train_metrics is not None else None
 
 
 # --- training data fingerprint -----------------------------------------------------------------------------------
