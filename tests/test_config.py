@@ -87,6 +87,24 @@ def test_shipped_configs_load(path):
     load_config(path)
 
 
+STUDY_ROWS = [p for p in SHIPPED if p.parent.name == "cpu" and load_config(p).output_dir.startswith("results/cpu/")
+              and not load_config(p).sweep.space]  # sweeps tune on validation; they are not rows
+LONGEST_TRAIN_ROW = {"main": 544, "socratic": 648}  # Gemma tokens, prompt + solution + EOS (issue 12)
+
+
+@pytest.mark.parametrize("path", STUDY_ROWS, ids=lambda p: p.stem)
+def test_study_rows_are_committed_the_way_the_study_says(path):
+    """Every CPU study row: all 1,319 test problems, float32 decoding (batch-invariant: test_eval_cli), >= 512 new
+    tokens; trained rows see all of train but the shared validation split, with no training row cut."""
+    cfg = load_config(path)
+    assert cfg.num_eval_samples is None and cfg.model.dtype == "float32" and cfg.generation.max_new_tokens >= 512
+    assert cfg.dataset.validation_size == 300 and cfg.seed == 42
+    if path.stem.startswith(("full_", "lora_")):
+        assert cfg.dataset.train_samples is None and cfg.training.num_train_epochs >= 1
+        assert cfg.training.max_length >= LONGEST_TRAIN_ROW[cfg.dataset.config_name]
+    assert len(STUDY_ROWS) == 9  # four base rows, four trained rows, GRPO from the LoRA row
+
+
 def test_unparsable_override_is_one_line():
     with pytest.raises(GsmtuneError, match="dataset.prompt_format in the command line was read as a mapping; quote") as e:
         load_config(None, ["dataset.prompt_format=Q: {question}"])

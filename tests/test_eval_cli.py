@@ -50,6 +50,18 @@ def test_resume_after_interruption_loses_nothing(run_args, tmp_path):
     assert by_index == {r["index"]: r["completion"] for r in full}
 
 
+def test_float32_completions_do_not_depend_on_the_batch(run_args, tmp_path):
+    """The mode the study commits: each problem's completion is the same decoded alone or beside others."""
+    longer = [a for a in run_args if not a.startswith(("generation.max_new_tokens", "output_dir"))] + [
+        "generation.max_new_tokens=24", "model.dtype=float32"]
+    assert main(longer + [f"output_dir={tmp_path / 'alone'}", "generation.batch_size=1"]) == 0
+    assert main(longer + [f"output_dir={tmp_path / 'together'}", "generation.batch_size=6"]) == 0
+    alone, together = ({r["index"]: r["completion"] for r in read_rows(tmp_path / d / PREDICTIONS)}
+                       for d in ("alone", "together"))
+    assert alone == together and len(alone) == 6
+    assert len({len(c) for c in alone.values()}) > 1  # rows of different lengths: the batch really changed shape
+
+
 def test_num_eval_samples_subset(run_args, tmp_path):
     assert main(run_args + ["num_eval_samples=3", "seed=5"]) == 0
     assert len(read_rows(tmp_path / "run" / PREDICTIONS)) == 3

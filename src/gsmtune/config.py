@@ -128,6 +128,7 @@ class SweepConfig:
 
     space: list[Any] = field(default_factory=list)
     study_name: str = "gsmtune"
+    sampler: str = "tpe"  # tpe | grid: every combination of the entries' choices once (a budget fixed in advance)
 
 
 @dataclass
@@ -151,10 +152,11 @@ CHOICES = {
     "prompt.one_shot_example": ("study", "gsm8k"),
     "training.method": ("full", "lora", "qlora", "grpo"),
     "training.report_to": ("none", "tensorboard", "wandb", "mlflow"),
+    "sweep.sampler": ("tpe", "grid"),
 }
 # Keys that change speed, not results: a resumed run may differ in these.
 RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
-                "sweep.space", "sweep.study_name",
+                "sweep.space", "sweep.study_name", "sweep.sampler",
                 "training.gradient_checkpointing", "training.answer_head")  # how a run goes, not what it learns
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from gsmtune.answers import answers_match, extract_flexible, extract_strict, gold_answer
 from gsmtune.data import Problem, load_eval_problems, load_split
-from gsmtune.runs import METRICS, PREDICTIONS, prepare, read_predictions, write_provenance
+from gsmtune.model_card import write_model_card
+from gsmtune.runs import METRICS, MODEL, PREDICTIONS, prepare, read_predictions, write_provenance
 from gsmtune.stats import wilson_ci
 
 
@@ -168,6 +170,8 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name,
                                                                   "dtype": dtype}
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    if model_path and Path(model_path).resolve() == (out / MODEL).resolve():  # `gsmtune run`: the card gets results
+        write_model_card(out)
     return metrics
 
 

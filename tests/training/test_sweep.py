@@ -57,3 +57,22 @@ def test_bad_space_entry(tiny_model_dir, train_dir, tmp_path, capsys, entry):
            f"sweep.space={entry}", "--trials", "1"]
     assert main(cmd) == 2
     assert "needs 'key' and a 'type'" in capsys.readouterr().err
+
+
+def test_grid_sweep_runs_each_choice_once(tiny_model_dir, train_dir, tmp_path, capsys):
+    """A fixed budget: the grid's combinations, each once; more trials than the grid holds is refused up front."""
+    out = tmp_path / "grid"
+    cmd = ["sweep", "base", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=1", "dataset.validation_size=2",
+                                       "dataset.train_samples=4", "generation.max_new_tokens=2", "sweep.sampler=grid"),
+           "sweep.space=[{key: training.learning_rate, choices: [1.0e-3, 1.0e-2]}]"]
+    assert main([*cmd, "--trials", "3"]) == 2
+    assert "more than the grid's 2 combinations" in capsys.readouterr().err
+    assert main([*cmd, "--trials", "2"]) == 0
+    assert sorted(t.params["training.learning_rate"] for t in completed(out)) == [1e-3, 1e-2]
+
+
+def test_grid_needs_choices(tiny_model_dir, train_dir, tmp_path, capsys):
+    cmd = ["sweep", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "s", "dataset.validation_size=4",
+                                       "sweep.sampler=grid"), SPACE, "--trials", "1"]
+    assert main(cmd) == 2
+    assert "needs 'choices' in every sweep.space entry; training.learning_rate has none" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gsmtune.model_card import write_model_card
 from gsmtune.models import is_adapter, pick_device
 from gsmtune.runs import MERGED, MODEL, TRAIN_METRICS, prepare, write_provenance, write_training_data
 from gsmtune.training.common import (
@@ -101,4 +102,5 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "allocator": allocator_status(),  # as glibc accepted it in the process that trained
     }
     (out / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(out)
     return final

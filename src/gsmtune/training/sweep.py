@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -32,6 +33,23 @@ def suggest(trial, space: list) -> dict:
         else:
             params[key] = trial.suggest_categorical(key, list(entry["choices"]))
     return params
+
+
+def make_sampler(cfg: DictConfig, trials: int):
+    """TPE searches; grid runs each combination of the entries' choices once, so the tuning budget is fixed up front."""
+    import optuna
+
+    if cfg.sweep.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed)
+    grid = {}
+    for entry in cfg.sweep.space:
+        if "choices" not in entry:
+            raise GsmtuneError(f"sweep.sampler=grid needs 'choices' in every sweep.space entry; {entry.get('key')} has none")
+        grid[entry["key"]] = list(entry["choices"])
+    size = math.prod(len(choices) for choices in grid.values())
+    if trials > size:
+        raise GsmtuneError(f"--trials {trials} is more than the grid's {size} combinations; lower it to {size}")
+    return optuna.samplers.GridSampler(grid, seed=cfg.seed)
 
 
 def trial_dir(root: Path, params: dict) -> Path:
@@ -60,8 +78,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep_config.yaml").write_text(to_yaml(cfg))
     study = optuna.create_study(study_name=cfg.sweep.study_name, storage=storage or f"sqlite:///{root / 'sweep.db'}",
-                                direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+                                direction="maximize", load_if_exists=True, sampler=make_sampler(cfg, trials))
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # cut off last time: run its parameters again
         study.enqueue_trial(stale.params)
