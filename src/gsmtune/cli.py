@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gsmtune.errors import GsmtuneError
+from gsmtune.export import TYPES as EXPORT_TYPES
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -74,6 +75,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if not is_adapter(adapter):
         raise GsmtuneError(f"{adapter} holds no adapter_config.json; give the LoRA folder (RUN/model)")
     print(f"merged model: {merge_adapter(adapter, Path(args.output))}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gsmtune.export import export_gguf
+
+    out = export_gguf(args.model, args.gguf, args.type)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB, {args.type})")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -167,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="the adapter folder (RUN/model)")
     p.add_argument("-o", "--output", required=True, help="folder for the merged model")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a model (an adapter merged into its base) as one GGUF file for llama.cpp")
+    p.add_argument("model", help="RUN/model (adapter or full model folder), a model folder or bundled:gemma-3-270m")
+    p.add_argument("--gguf", required=True, help="the file to write (NAME.gguf)")
+    p.add_argument("--type", default="f32", choices=EXPORT_TYPES,
+                   help="weights: f32 (exact), f16, q8_0 (8-bit); norms stay f32")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="Optuna hyper-parameter search on the validation split; resumable")
     p.add_argument("config", help="a config with sweep.space and dataset.validation_size > 0")

