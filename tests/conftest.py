@@ -136,3 +136,15 @@ def sliding_model(tokenizer, seed: int):
         num_key_value_heads=1, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` tier runs where CUDA is; elsewhere each of its tests shows as skipped, with the way to run it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run benchmarks/gpu_check.sh on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -112,7 +112,19 @@ def test_fallback_lines(capsys):
     cfg = load_config(None, ["training.optim=adamw_bnb_8bit"])
     optim, _ = choose_runtime(cfg.training, torch.device("cpu"))
     assert optim == "adamw_torch"
-    assert "training.optim=adamw_bnb_8bit needs CUDA and bitsandbytes; using adamw_torch instead" in capsys.readouterr().err
+    assert "training.optim=adamw_bnb_8bit needs CUDA; using adamw_torch instead" in capsys.readouterr().err
+
+
+def test_gpu_without_bitsandbytes_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from gsmtune.training.common import choose_runtime
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    cfg = load_config(None, ["training.optim=adamw_bnb_8bit", "training.bf16=false"])
+    assert choose_runtime(cfg.training, torch.device("cuda"))[0] == "adamw_torch"
+    assert 'needs bitsandbytes (pip install -e ".[gpu]"); using adamw_torch instead' in capsys.readouterr().err
 
 
 def test_qlora_needs_cuda(tiny_model_dir, train_dir, tmp_path, capsys):

@@ -39,14 +39,11 @@ def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
         raise GsmtuneError(f"training.report_to={t.report_to} needs its package: pip install {package} (or report_to=none)")
     optim, bf16 = t.optim, bool(t.bf16)
     if "bnb" in optim or "8bit" in optim:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            bnb = False
-        else:
-            bnb = device.type == "cuda"
-        if not bnb:
-            say(f"training.optim={optim} needs CUDA and bitsandbytes; using adamw_torch instead")
+        missing = None if device.type == "cuda" else "CUDA"
+        if missing is None and importlib.util.find_spec("bitsandbytes") is None:
+            missing = "bitsandbytes (pip install -e \".[gpu]\")"
+        if missing:
+            say(f"training.optim={optim} needs {missing}; using adamw_torch instead")
             optim = "adamw_torch"
     if bf16 and not bf16_supported(device):
         say(f"training.bf16=true but this {device.type} has no bf16 support; training in fp32 instead")
