@@ -130,6 +130,35 @@ def test_renamed_keys_keep_working(tmp_path):
     assert prepare(cfg, resume=True, overwrite=False) == tmp_path / "run"
 
 
+def test_scheduler_and_warmup_use_transformers_names(tmp_path):
+    """`training.min_lr` and `training.warmup_ratio` (gsmtune's former keys) are read as `lr_scheduler_kwargs.min_lr`
+    and `warmup_steps`, also from an older run folder's config.yaml; the floor reaches cosine_with_min_lr alone."""
+    from omegaconf import OmegaConf
+
+    from gsmtune.runs import prepare
+    from gsmtune.training.common import scheduler_kwargs
+
+    old = load_config(None, ["training.min_lr=2e-5", "training.warmup_ratio=0.05"]).training
+    assert (dict(old.lr_scheduler_kwargs), old.warmup_steps) == ({"min_lr": 2e-5}, 0.05)
+    assert scheduler_kwargs(old) == {"min_lr": 2e-5}
+    assert scheduler_kwargs(load_config(None).training) == {"min_lr_rate": 0.1}  # unset: a tenth of the peak
+    rate = load_config(None, ["training.lr_scheduler_kwargs={min_lr_rate: 0.05}"]).training
+    assert scheduler_kwargs(rate) == {"min_lr_rate": 0.05}
+    assert scheduler_kwargs(load_config(None, ["training.min_lr=2e-5", "training.lr_scheduler_type=cosine"]).training) == {}
+    with pytest.raises(GsmtuneError, match="both min_lr and min_lr_rate; keep one"):
+        load_config(None, ["training.min_lr=1e-6", "training.lr_scheduler_kwargs.min_lr_rate=0.1"])
+    with pytest.raises(GsmtuneError, match="training.warmup_steps=2.5: give a share of the steps below 1"):
+        load_config(None, ["training.warmup_steps=2.5"])
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "training.min_lr=3e-6", "training.warmup_ratio=0.1"])
+    (tmp_path / "run").mkdir()
+    saved = OmegaConf.to_container(cfg)
+    saved["training"]["min_lr"] = saved["training"].pop("lr_scheduler_kwargs")["min_lr"]
+    saved["training"]["warmup_ratio"] = saved["training"].pop("warmup_steps")
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert prepare(cfg, resume=True, overwrite=False) == tmp_path / "run"
+
+
 def test_trl_fields_pass_through_checked_by_name_and_type():
     cfg = load_config(None, ["training.neftune_noise_alpha=5", "training.dataloader_num_workers=1"])
     from gsmtune.config import passthrough

@@ -99,8 +99,9 @@ class TrainingConfig:
     method: str = "lora"  # full | lora | qlora | grpo
     learning_rate: float = 1e-5
     lr_scheduler_type: str = "cosine_with_min_lr"
-    min_lr: float = 1e-6
-    warmup_ratio: float = 0.0
+    # cosine_with_min_lr's floor: {min_lr: 1.0e-6} or {min_lr_rate: 0.1}; unset, 0.1 (the study's 1e-6 under 1e-5)
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    warmup_steps: float = 0.0  # transformers 5: below 1, a share of the steps (formerly warmup_ratio)
     weight_decay: float = 0.0
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -161,7 +162,8 @@ RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training
 
 
 # Keys renamed to the library's own names; the old spelling keeps working (config files, command lines, saved runs).
-RENAMED = {"training.max_seq_length": "training.max_length"}
+RENAMED = {"training.max_seq_length": "training.max_length",  # gsmtune's former names -> TRL / transformers names
+           "training.min_lr": "training.lr_scheduler_kwargs.min_lr", "training.warmup_ratio": "training.warmup_steps"}
 
 
 def upgrade_keys(data: dict) -> dict:
@@ -180,6 +182,9 @@ def upgrade_keys(data: dict) -> dict:
             target = target.setdefault(part, {})
         target.setdefault(new_leaf, value)
     return data
+
+
+FREE_FORM = ("training.lr_scheduler_kwargs.",)  # mappings whose keys are the scheduler's, not ours
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -228,7 +233,7 @@ def _check_keys(data: dict, where: str) -> None:
             if name == "output_dir":
                 raise GsmtuneError(f"training.output_dir in {where}: the trainer writes under the run folder; set output_dir")
             continue
-        if key not in valid:
+        if key not in valid and not key.startswith(FREE_FORM):
             leaves = (k for k in valid if not any(v.startswith(k + ".") for v in valid))
             parent = next((k for k in leaves if key.startswith(k + ".")), None)
             if parent:
@@ -334,9 +339,14 @@ def _validate_training(t: DictConfig) -> None:
     if t.learning_rate <= 0 or t.per_device_train_batch_size <= 0 or t.gradient_accumulation_steps <= 0:
         raise GsmtuneError("training.learning_rate, per_device_train_batch_size and gradient_accumulation_steps "
                            "must be positive")
-    if t.max_length <= 0 or not 0 <= t.warmup_ratio < 1 or t.lora.r <= 0 or not 0 <= t.lora.dropout < 1:
-        raise GsmtuneError("training.max_length and training.lora.r must be positive, training.warmup_ratio and "
-                           "training.lora.dropout in [0, 1)")
+    if t.max_length <= 0 or t.lora.r <= 0 or not 0 <= t.lora.dropout < 1:
+        raise GsmtuneError("training.max_length and training.lora.r must be positive, training.lora.dropout in [0, 1)")
+    if t.warmup_steps < 0 or (t.warmup_steps >= 1 and t.warmup_steps != int(t.warmup_steps)):
+        raise GsmtuneError(f"training.warmup_steps={t.warmup_steps}: give a share of the steps below 1 (0.1) or a whole "
+                           "number of steps")
+    floors = {"min_lr", "min_lr_rate"} & set(t.lr_scheduler_kwargs)
+    if len(floors) > 1:
+        raise GsmtuneError("training.lr_scheduler_kwargs gives both min_lr and min_lr_rate; keep one")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:

@@ -73,7 +73,7 @@ def model_card(run: Path) -> str:
         "",
         "## Training", "",
         f"Method `{t['method']}`, learning rate {t['learning_rate']} ({t['lr_scheduler_type']}"
-        + (f", min {t['min_lr']}" if t["lr_scheduler_type"] == "cosine_with_min_lr" else "") + "), "
+        + "".join(f", {k} {v}" for k, v in t["lr_scheduler_kwargs"].items()) + "), "
         f"{t['num_train_epochs']} epoch(s), batch {t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']}, "
         f"max_length {t['max_length']}" + (f", LoRA r={t['lora']['r']} alpha={t['lora']['alpha']}" if adapter else "")
         + f"; loss on answer tokens only. Optimizer {train.get('optimizer', t['optim'])}, "

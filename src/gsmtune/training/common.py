@@ -99,6 +99,17 @@ def checkpointing(t: DictConfig, device: torch.device) -> bool:
     return device.type != "cpu" or physical_memory_gib() < CHECKPOINTING_OFF_MIN_RAM_GIB
 
 
+def scheduler_kwargs(t: DictConfig) -> dict[str, Any]:
+    """The floor (min_lr / min_lr_rate) goes to cosine_with_min_lr alone, so switching the scheduler type on the command
+    line needs no other change; unset there, a tenth of the peak."""
+    kwargs = dict(t.lr_scheduler_kwargs)
+    if t.lr_scheduler_type != "cosine_with_min_lr":
+        return {k: v for k, v in kwargs.items() if k not in ("min_lr", "min_lr_rate")}
+    if not {"min_lr", "min_lr_rate"} & set(kwargs):
+        kwargs["min_lr_rate"] = 0.1
+    return kwargs
+
+
 def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device) -> dict[str, Any]:
     """`TrainingArguments` shared by the SFT and GRPO recipes, from the config's `training.*` keys."""
     t = cfg.training
@@ -106,8 +117,8 @@ def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: tor
         "output_dir": str(out / CHECKPOINTS),
         "learning_rate": t.learning_rate,
         "lr_scheduler_type": t.lr_scheduler_type,
-        "lr_scheduler_kwargs": {"min_lr": t.min_lr} if t.lr_scheduler_type == "cosine_with_min_lr" else {},
-        "warmup_steps": t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        "lr_scheduler_kwargs": scheduler_kwargs(t),
+        "warmup_steps": t.warmup_steps,  # transformers 5: a float < 1 is a ratio of the total steps
         "weight_decay": t.weight_decay,
         "num_train_epochs": t.num_train_epochs,
         "max_steps": t.max_steps,
