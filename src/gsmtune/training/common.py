@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from gsmtune.config import TrainingConfig
 from gsmtune.errors import GsmtuneError
 from gsmtune.models import adapter_base, bf16_supported, is_adapter, load_weights, resolve_model_path
 from gsmtune.runs import CHECKPOINTS
@@ -110,29 +111,29 @@ def scheduler_kwargs(t: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+# Keys gsmtune decides itself (what this machine can run, the tracker list, the scheduler floor, checkpointing's
+# default); every other `training.*` key with a `TrainingArguments` name is passed on as given.
+DECIDED = ("optim", "bf16", "report_to", "lr_scheduler_kwargs", "gradient_checkpointing")
+
+
 def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device) -> dict[str, Any]:
     """`TrainingArguments` shared by the SFT and GRPO recipes, from the config's `training.*` keys."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
     t = cfg.training
-    return {
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)} & {f.name for f in dataclasses.fields(TrainingConfig)}
+    same_name = {k: t[k] for k in shared - set(DECIDED)}
+    return same_name | {
         "output_dir": str(out / CHECKPOINTS),
-        "learning_rate": t.learning_rate,
-        "lr_scheduler_type": t.lr_scheduler_type,
         "lr_scheduler_kwargs": scheduler_kwargs(t),
-        "warmup_steps": t.warmup_steps,  # transformers 5: a float < 1 is a ratio of the total steps
-        "weight_decay": t.weight_decay,
-        "num_train_epochs": t.num_train_epochs,
-        "max_steps": t.max_steps,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "optim": optim,
         "bf16": bf16,
         "use_cpu": device.type == "cpu",
         "activation_checkpointing": checkpointing(t, device),  # transformers 5's name for gradient checkpointing
         "activation_checkpointing_kwargs": {"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
-        "logging_steps": t.logging_steps,
         "save_strategy": "steps",
-        "save_steps": t.save_steps,
-        "save_total_limit": t.save_total_limit,
         "report_to": [] if t.report_to == "none" else [t.report_to],
         "seed": cfg.seed,
         "data_seed": cfg.seed,
