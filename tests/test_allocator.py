@@ -36,3 +36,21 @@ def test_off_glibc_it_says_so(monkeypatch):
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert allocator.keep_freed_memory() == allocator.status() == "system default (not glibc)"
     assert allocator.mmapped_bytes() is None and allocator.keeps_freed_memory() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_freed_memory_goes_back_between_stages():
+    """Kept memory stays in the process (RSS) until release_freed_memory hands it back once, as a sweep does between
+    trials."""
+    code = """
+import os, torch
+from gsmtune import allocator as a
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+a.keep_freed_memory()
+blocks = [torch.ones(2**24) for _ in range(8)]  # 512 MiB, pages touched
+del blocks
+kept = rss()
+a.release_freed_memory()
+print(kept - rss() > 400)
+"""
+    assert run(code) == "True"

@@ -53,6 +53,18 @@ def keep_freed_memory() -> str:
     return _status
 
 
+def release_freed_memory() -> None:
+    """Give the free pages of every heap back to the kernel once, between stages of one process (a sweep's trials,
+    `gsmtune run`'s training then evaluation): with trimming off, a sweep process grew to 22.5 GiB by its third trial
+    on a 24 GiB machine. One trim per stage costs page faults once, not at every step."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None and _status == KEPT:
+        libc.malloc_trim(0)
+
+
 def status() -> str:
     """What this process's allocator does, as glibc accepted it: recorded in train_metrics.json."""
     return _status

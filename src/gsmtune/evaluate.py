@@ -125,13 +125,14 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
 
     `model_path` replaces `model.name` for the weights (a trained run evaluates its own RUN/model folder).
     """
-    from gsmtune.allocator import keep_freed_memory
+    from gsmtune.allocator import keep_freed_memory, release_freed_memory
     from gsmtune.models import load_model, pick_device, pick_dtype
     from gsmtune.prompts import build_prompt, shots_for, tokenize_prompt
 
     device = pick_device(cfg.model.device)
     if device.type == "cpu":
         keep_freed_memory()  # before the model loads: see allocator.py
+        release_freed_memory()  # what an earlier stage of this process freed
     start = time.time()
     problems = load_eval_problems(cfg)
     train = load_split(cfg.dataset, "train") if cfg.prompt.strategy == "few_shot" else None

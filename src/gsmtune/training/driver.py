@@ -27,7 +27,7 @@ RECIPES = {"full": "sft", "lora": "sft", "qlora": "sft", "grpo": "grpo"}  # each
 
 def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, save the model (adapter for LoRA) as safetensors in RUN/model, and write RUN/train_metrics.json."""
-    from gsmtune.allocator import keep_freed_memory
+    from gsmtune.allocator import keep_freed_memory, release_freed_memory
     from gsmtune.allocator import status as allocator_status
     from gsmtune.data import train_validation_split
 
@@ -35,6 +35,7 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     device = pick_device(cfg.model.device)
     if device.type == "cpu":
         keep_freed_memory()  # before the model loads: see allocator.py
+        release_freed_memory()  # what an earlier stage of this process freed
     train_problems, val_problems = train_validation_split(cfg)
     optim, bf16 = choose_runtime(cfg.training, device)
     if is_main_process():
