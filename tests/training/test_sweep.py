@@ -76,3 +76,32 @@ def test_grid_needs_choices(tiny_model_dir, train_dir, tmp_path, capsys):
                                        "sweep.sampler=grid"), SPACE, "--trials", "1"]
     assert main(cmd) == 2
     assert "needs 'choices' in every sweep.space entry; training.learning_rate has none" in capsys.readouterr().err
+
+
+def test_grid_reruns_a_failed_point_not_a_finished_one(tiny_model_dir, train_dir, tmp_path, monkeypatch):
+    """A trial stopped by a handled signal or an error ends FAIL, which the grid counts as visited: the rerun must run
+    that point again, not re-evaluate a finished one."""
+    import gsmtune.evaluate
+
+    out = tmp_path / "grid"
+    cmd = ["sweep", "base", *overrides(tiny_model_dir, train_dir, out, "training.max_steps=1", "dataset.validation_size=2",
+                                       "dataset.train_samples=4", "generation.max_new_tokens=2", "sweep.sampler=grid",
+                                       "seed=3"),  # with seed 3 the grid, left alone, re-evaluates the finished point
+           "sweep.space=[{key: training.learning_rate, choices: [1.0e-3, 1.0e-2]}]", "--trials", "2"]
+    real, calls = gsmtune.evaluate.run_eval, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gsmtune.evaluate, "run_eval", second_fails)
+    with pytest.raises(RuntimeError, match="stopped"):
+        main(cmd)
+    monkeypatch.setattr(gsmtune.evaluate, "run_eval", real)
+    assert main(cmd) == 0
+    states = [(t.state.name, t.params["training.learning_rate"]) for t in optuna.load_study(
+        study_name="gsmtune", storage=f"sqlite:///{out / 'sweep.db'}").trials]
+    first, failed = states[0][1], states[1][1]
+    assert states == [("COMPLETE", first), ("FAIL", failed), ("COMPLETE", failed)]

@@ -52,6 +52,27 @@ def make_sampler(cfg: DictConfig, trials: int):
     return optuna.samplers.GridSampler(grid, seed=cfg.seed)
 
 
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def rerun_cut_off(study) -> None:
+    """Trials cut off last time (RUNNING after a kill, FAIL after a handled signal or an error) run again with their
+    parameters, once, unless those parameters already finished or wait in the queue; their training resumes from the
+    trial's own checkpoint."""
+    from optuna.trial import TrialState
+
+    settled = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    settled |= {_key(t.system_attrs.get("fixed_params", {}))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if t.state == TrialState.RUNNING:
+            study.tell(t.number, state=TrialState.FAIL)
+        if t.params and _key(t.params) not in settled:
+            study.enqueue_trial(t.params)
+            settled.add(_key(t.params))
+
+
 def trial_dir(root: Path, params: dict) -> Path:
     """Named by its parameters, so a rerun of an interrupted trial finds its own checkpoints."""
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
@@ -79,9 +100,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
     (root / "sweep_config.yaml").write_text(to_yaml(cfg))
     study = optuna.create_study(study_name=cfg.sweep.study_name, storage=storage or f"sqlite:///{root / 'sweep.db'}",
                                 direction="maximize", load_if_exists=True, sampler=make_sampler(cfg, trials))
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # cut off last time: run its parameters again
-        study.enqueue_trial(stale.params)
+    rerun_cut_off(study)
 
     def objective(trial) -> float:
         params = suggest(trial, cfg.sweep.space)
@@ -93,7 +112,9 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
         return run_eval(tcfg, resume=True, model_path=str(model))["accuracy"]
 
     def finished() -> int:
-        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        # a grid counts its points: a point evaluated twice (the grid re-evaluates once exhausted) is one
+        return len({_key(t.params) for t in complete}) if cfg.sweep.sampler == "grid" else len(complete)
 
     while finished() < trials:
         study.optimize(objective, n_trials=1)
