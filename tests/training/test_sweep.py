@@ -80,7 +80,7 @@ def test_grid_needs_choices(tiny_model_dir, train_dir, tmp_path, capsys):
 
 def test_grid_reruns_a_failed_point_not_a_finished_one(tiny_model_dir, train_dir, tmp_path, monkeypatch):
     """A trial stopped by a handled signal or an error ends FAIL, which the grid counts as visited: the rerun must run
-    that point again, not re-evaluate a finished one."""
+    that point again, not re-evaluate a finished one. A trial killed outright (left RUNNING) too."""
     import gsmtune.evaluate
 
     out = tmp_path / "grid"
@@ -105,3 +105,9 @@ def test_grid_reruns_a_failed_point_not_a_finished_one(tiny_model_dir, train_dir
         study_name="gsmtune", storage=f"sqlite:///{out / 'sweep.db'}").trials]
     first, failed = states[0][1], states[1][1]
     assert states == [("COMPLETE", first), ("FAIL", failed), ("COMPLETE", failed)]
+
+    study = optuna.load_study(study_name="gsmtune", storage=f"sqlite:///{out / 'sweep.db'}")
+    study.enqueue_trial({"training.learning_rate": failed})
+    study.ask({"training.learning_rate": optuna.distributions.CategoricalDistribution([1.0e-3, 1.0e-2])})  # killed
+    assert main([*cmd[:-1], "3"]) == 2  # a grid of two: a third point is refused
+    assert main(cmd) == 0  # two points finished: the killed duplicate is marked failed, nothing reruns

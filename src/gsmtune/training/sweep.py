@@ -98,9 +98,11 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep_config.yaml").write_text(to_yaml(cfg))
-    study = optuna.create_study(study_name=cfg.sweep.study_name, storage=storage or f"sqlite:///{root / 'sweep.db'}",
-                                direction="maximize", load_if_exists=True, sampler=make_sampler(cfg, trials))
-    rerun_cut_off(study)
+    url = storage or f"sqlite:///{root / 'sweep.db'}"
+    study = optuna.create_study(study_name=cfg.sweep.study_name, storage=url, direction="maximize",
+                                load_if_exists=True, sampler=make_sampler(cfg, trials))
+    # through a plain sampler: the grid's own hook would stop the study on this tell, outside any optimize call
+    rerun_cut_off(optuna.load_study(study_name=cfg.sweep.study_name, storage=url, sampler=optuna.samplers.RandomSampler()))
 
     def objective(trial) -> float:
         params = suggest(trial, cfg.sweep.space)
