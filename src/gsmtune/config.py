@@ -184,6 +184,7 @@ def upgrade_keys(data: dict) -> dict:
     return data
 
 
+LR_FLOORS = ("min_lr", "min_lr_rate")  # cosine_with_min_lr's two ways to give its floor
 FREE_FORM = ("training.lr_scheduler_kwargs.",)  # mappings whose keys are the scheduler's, not ours
 
 
@@ -211,22 +212,24 @@ def trl_fields() -> frozenset[str]:
     return frozenset(f.name for c in (SFTConfig, GRPOConfig) for f in dataclasses.fields(c))
 
 
-def _ours() -> set[str]:
-    return {f.name for f in fields(TrainingConfig)}
+@cache
+def training_keys() -> frozenset[str]:
+    """gsmtune's own `training.*` names (the rest pass through to TRL)."""
+    return frozenset(f.name for f in fields(TrainingConfig))
 
 
 def passthrough(training: DictConfig) -> dict[str, Any]:
     """The `training.*` keys that are TRL's rather than gsmtune's, as given."""
-    return {k: v for k, v in OmegaConf.to_container(training).items() if k not in _ours()}
+    return {k: v for k, v in OmegaConf.to_container(training).items() if k not in training_keys()}
 
 
 def _check_keys(data: dict, where: str) -> None:
     valid = _schema_keys()
     for key in _dotted_keys(data):
         name = key.split(".")[1] if key.startswith("training.") else None
-        if name is not None and name not in _ours():  # not gsmtune's: one of TRL's fields, or a typo
+        if name is not None and name not in training_keys():  # not gsmtune's: one of TRL's fields, or a typo
             if name not in trl_fields():
-                close = difflib.get_close_matches(name, sorted(trl_fields() | _ours()), n=1)
+                close = difflib.get_close_matches(name, sorted(trl_fields() | training_keys()), n=1)
                 hint = f"; did you mean 'training.{close[0]}'?" if close else ""
                 raise GsmtuneError(f"unknown config key '{key}' in {where}: neither gsmtune's nor a field of TRL's "
                                    f"SFTConfig/GRPOConfig{hint}")
@@ -344,7 +347,7 @@ def _validate_training(t: DictConfig) -> None:
     if t.warmup_steps < 0 or (t.warmup_steps >= 1 and t.warmup_steps != int(t.warmup_steps)):
         raise GsmtuneError(f"training.warmup_steps={t.warmup_steps}: give a share of the steps below 1 (0.1) or a whole "
                            "number of steps")
-    floors = {"min_lr", "min_lr_rate"} & set(t.lr_scheduler_kwargs)
+    floors = set(LR_FLOORS) & set(t.lr_scheduler_kwargs)
     if len(floors) > 1:
         raise GsmtuneError("training.lr_scheduler_kwargs gives both min_lr and min_lr_rate; keep one")
 

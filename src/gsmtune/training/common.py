@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from gsmtune.config import TrainingConfig
+from gsmtune.config import LR_FLOORS, training_keys
 from gsmtune.errors import GsmtuneError
 from gsmtune.models import adapter_base, bf16_supported, is_adapter, load_weights, resolve_model_path
 from gsmtune.runs import CHECKPOINTS
@@ -105,8 +105,8 @@ def scheduler_kwargs(t: DictConfig) -> dict[str, Any]:
     line needs no other change; unset there, a tenth of the peak."""
     kwargs = dict(t.lr_scheduler_kwargs)
     if t.lr_scheduler_type != "cosine_with_min_lr":
-        return {k: v for k, v in kwargs.items() if k not in ("min_lr", "min_lr_rate")}
-    if not {"min_lr", "min_lr_rate"} & set(kwargs):
+        return {k: v for k, v in kwargs.items() if k not in LR_FLOORS}
+    if not set(LR_FLOORS) & set(kwargs):
         kwargs["min_lr_rate"] = 0.1
     return kwargs
 
@@ -123,7 +123,7 @@ def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: tor
     from transformers import TrainingArguments
 
     t = cfg.training
-    shared = {f.name for f in dataclasses.fields(TrainingArguments)} & {f.name for f in dataclasses.fields(TrainingConfig)}
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)} & training_keys()
     same_name = {k: t[k] for k in shared - set(DECIDED)}
     return same_name | {
         "output_dir": str(out / CHECKPOINTS),
