@@ -79,9 +79,10 @@ def model_card(run: Path) -> str:
         f"{train.get('precision', '?')}, on {train.get('device', '?')}.",
     ]
     if train:
+        seconds = train.get("train_runtime_seconds")
         lines += ["", f"{train['global_step']} steps, {train.get('tokens_seen') or 0:,} tokens, "
-                  f"{(train.get('train_runtime_seconds') or 0) / 3600:.1f} h at {train.get('tokens_per_second') or 0:.0f} "
-                  f"tokens/s; final loss {train.get('final_loss') or float('nan'):.3f}"
+                  + (f"{seconds / 3600:.1f} h of training, " if seconds else "")
+                  + f"{train.get('tokens_per_second') or 0:.0f} tokens/s; final loss {train.get('final_loss') or float('nan'):.3f}"
                   + (f", validation loss {train['eval_loss_curve'][-1]['eval_loss']:.3f}" if train.get("eval_loss_curve")
                      else "") + f". Full curves: `{TRAIN_METRICS}`."]
     lines += ["", "## Results", "", *_results(_read_json(run / METRICS), run), "",

@@ -192,6 +192,7 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True)
     m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
+    assert m["train_runtime_seconds"] > m["last_piece_runtime_seconds"]  # the killed piece's seconds count too
     assert (m["allocator"] == r["allocator"] == KEPT) is GLIBC  # in the `gsmtune` process that trained
     resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}
     assert max(resumed_steps) == steps

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from gsmtune.model_card import write_model_card
 from gsmtune.models import is_adapter, pick_device
 from gsmtune.runs import MERGED, MODEL, TRAIN_METRICS, prepare, write_provenance, write_training_data
+from gsmtune.training.clock import TrainClock
 from gsmtune.training.common import (
     choose_runtime,
     is_main_process,
@@ -53,10 +54,12 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     recipe = importlib.import_module(f"gsmtune.training.{RECIPES[cfg.training.method]}")
     trainer, path = recipe.build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
     args, tokenizer = trainer.args, trainer.processing_class
+    trainer.add_callback(TrainClock())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     say(f"training {cfg.training.method} on {len(trainer.train_dataset)} problems; optimizer {optim}, "
         f"{'bf16' if bf16 else 'fp32'}, {trainable:,} trainable parameters" + (f"; resuming {checkpoint}" if checkpoint else ""))
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    clock = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainClock))  # resume replaces it
 
     final = out / MODEL
     trainer.save_model(str(final))  # safetensors: the adapter for LoRA, the full model otherwise (rank 0 writes)
@@ -91,11 +94,10 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "reward_curve": [{"step": h["step"]} | {k: v for k, v in h.items()
                                                 if k.startswith("reward") or k == "frac_reward_zero_std"}
                          for h in history if "reward" in h],
-        "train_runtime_seconds": result.metrics.get("train_runtime"),
-        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_runtime_seconds": clock.total_seconds(),  # all pieces; None if one ran before gsmtune kept the clock
+        "last_piece_runtime_seconds": result.metrics.get("train_runtime"),
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
-        if result.metrics.get("train_runtime") else None,
+        "tokens_per_second": clock.piece_tokens_per_second(trainer.state.num_input_tokens_seen),  # the last piece's
         "peak_memory_gib": peak_memory_gib(device),
         "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
         "wall_time_seconds": time.time() - start,
