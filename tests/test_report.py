@@ -35,10 +35,13 @@ def fixture_runs(root):
     tuned_dir = root / "lora"
     write_run(tuned_dir, [row(" 48/2=<<48/2=24>>24\n#### 24" if i != 1 else " 48/2=<<48/2=25>>25\n#### 25", index=i,
                               question={3: "q3", 4: "Tom has 7 apples"}.get(i, f"question {i}?")) for i in range(10)],
-              config=f"baseline_run: {root / 'base'}\ndataset:\n  config_name: main\n  source: local\n")
+              config=f"baseline_run: {root / 'base'}\ndataset:\n  config_name: main\n  source: local\n"
+                     "reference:\n  accuracy: 0.2\n  source: gemma-2b-it, 100 problems\n")
     write_training_data(tuned_dir, ["q3", "Tom has 5 apples"])  # eval question 3 verbatim, question 4 with other numbers
     (tuned_dir / "train_metrics.json").write_text(json.dumps(
-        {"method": "lora", "loss_curve": [{"step": s, "loss": 2.0 / s} for s in range(1, 6)]}))
+        {"method": "lora", "loss_curve": [{"step": s, "loss": 2.0 / s} for s in range(1, 6)], "train_examples": 2,
+         "epochs": 1.0, "tokens_seen": 12345, "train_runtime_seconds": 5400, "tokens_per_second": 2.5,
+         "peak_memory_gib": 3.25, "peak_memory_kind": "process peak RSS", "device": "cpu"}))
     return base
 
 
@@ -56,6 +59,8 @@ def test_report_html_and_markdown(tmp_path, capsys):
     assert "base vs lora" in " ".join(page.headings).replace("`", "")
     md = (tmp_path / "report.md").read_text()
     assert "| lora | main (local) | lora SFT | 90.0 |" in md and "report_files/accuracy.png" in md
+    assert "| 20.0 [1] |" in md and "[1] gemma-2b-it, 100 problems" in md  # the reference beside ours, with its source
+    assert "| lora | lora | 2 | 1.00 | 12,345 | 1.50 | 2 | 3.2 (process peak RSS) | cpu |" in md
     assert (tmp_path / "report_files" / "loss.png").exists()
     assert "**fixed**: problem 2" in md and "arithmetic" in md
     assert "Contamination warning**: 1 eval questions appear verbatim" in md and "and 1 more as near-duplicates" in md

@@ -161,8 +161,25 @@ def summary_rows(runs: list[Run]) -> list[dict]:
     for r in runs:
         correct, total = r.metrics["correct"], r.metrics["total"]
         lo, hi = wilson_ci(correct, total)
+        ref = r.config.get("reference") or {}
         rows.append({"run": r.name, "dataset": r.dataset, "method": r.method, "em": correct / total if total else 0.0,
-                     "ci_low": lo, "ci_high": hi, "n": total, "flexible": r.metrics.get("accuracy_flexible")})
+                     "ci_low": lo, "ci_high": hi, "n": total, "flexible": r.metrics.get("accuracy_flexible"),
+                     "reference_em": ref.get("accuracy"), "reference_source": ref.get("source") or None})
+    return rows
+
+
+def training_rows(runs: list[Run]) -> list[dict]:
+    """What each trained run cost: examples, tokens, hours, speed, memory, as its train_metrics.json recorded them."""
+    rows = []
+    for r in runs:
+        if not r.train_metrics:
+            continue
+        t = r.train_metrics
+        rows.append({"run": r.name, "method": t.get("method"), "examples": t.get("train_examples"),
+                     "epochs": t.get("epochs"), "tokens": t.get("tokens_seen"), "hours":
+                     t["train_runtime_seconds"] / 3600 if t.get("train_runtime_seconds") else None,
+                     "tokens_per_second": t.get("tokens_per_second"), "peak_gib": t.get("peak_memory_gib"),
+                     "peak_kind": t.get("peak_memory_kind"), "device": t.get("device")})
     return rows
 
 

@@ -133,6 +133,14 @@ class SweepConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """A published result this row reproduces, shown beside ours by `compare` and `report` (never used in a run)."""
+
+    accuracy: float | None = None  # EM as a fraction, e.g. 0.20
+    source: str = ""  # what it is: model, test problems, paper or study
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -141,6 +149,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     baseline_run: str | None = None  # `gsmtune run` prints this run's metrics beside the tuned model's
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     num_eval_samples: int | None = None  # None = the whole eval split
     seed: int = 42
     output_dir: str = "runs/eval"
@@ -157,7 +166,7 @@ CHOICES = {
 }
 # Keys that change speed, not results: a resumed run may differ in these.
 RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
-                "sweep.space", "sweep.study_name", "sweep.sampler",
+                "sweep.space", "sweep.study_name", "sweep.sampler", "reference.accuracy", "reference.source",
                 "training.gradient_checkpointing", "training.answer_head")  # how a run goes, not what it learns
 
 

@@ -15,6 +15,7 @@ from gsmtune.analysis import (
     contamination,
     error_report,
     summary_rows,
+    training_rows,
     with_votes,
 )
 from gsmtune.runs import Run
@@ -31,9 +32,34 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(runs: list[Run]) -> str:
+    summary = summary_rows(runs)
     rows = [[r["run"], r["dataset"], r["method"], _pct(r["em"]), f"{_pct(r['ci_low'])}-{_pct(r['ci_high'])}", r["n"],
-             _pct(r["flexible"]) if r["flexible"] is not None else ""] for r in summary_rows(runs)]
-    return table(["run", "dataset", "method", "EM %", "95% CI", "n", "flexible EM %"], rows)
+             _pct(r["flexible"]) if r["flexible"] is not None else ""] for r in summary]
+    headers = ["run", "dataset", "method", "EM %", "95% CI", "n", "flexible EM %"]
+    sources = list(dict.fromkeys(r["reference_source"] or "" for r in summary if r["reference_em"] is not None))
+    if not sources:
+        return table(headers, rows)
+    for cells, r in zip(rows, summary, strict=True):  # each reference marked with its source's footnote number
+        cells.append(f"{_pct(r['reference_em'])} [{sources.index(r['reference_source'] or '') + 1}]"
+                     if r["reference_em"] is not None else "")
+    notes = "\n".join(f"[{i}] {s or 'no source given'}" for i, s in enumerate(sources, 1))
+    return f"{table([*headers, 'reference EM %'], rows)}\n\nReference results (config `reference`):\n\n{notes}"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return format(x, fmt) if x is not None else ""
+
+
+def training_table(runs: list[Run]) -> str | None:
+    """The cost of each trained run beside its accuracy; None when no run trained."""
+    rows = [[r["run"], r["method"] or "", _num(r["examples"], ","), _num(r["epochs"], ".2f"), _num(r["tokens"], ","),
+             _num(r["hours"], ".2f"), _num(r["tokens_per_second"], ".0f"),
+             f"{r['peak_gib']:.1f} ({r['peak_kind']})" if r["peak_gib"] is not None else "", r["device"] or ""]
+            for r in training_rows(runs)]
+    if not rows:
+        return None
+    return table(["run", "method", "examples", "epochs", "tokens trained", "hours", "tokens/s", "peak GiB", "device"],
+                 rows)
 
 
 def pairs_table(runs: list[Run]) -> str:
@@ -49,8 +75,10 @@ def pairs_table(runs: list[Run]) -> str:
 
 def comparison_markdown(runs: list[Run]) -> str:
     runs = with_votes(runs)
+    training = training_table(runs)
     return (f"{summary_table(runs)}\n\nPaired differences (each pair on the problems both runs answered; exact McNemar "
-            f"test, bootstrap CI over problems):\n\n{pairs_table(runs)}\n")
+            f"test, bootstrap CI over problems):\n\n{pairs_table(runs)}\n"
+            + (f"\nTraining (hours over all resumed pieces; tokens/s of the last piece):\n\n{training}\n" if training else ""))
 
 
 def write_comparison_csv(runs: list[Run], path: Path) -> None:
