@@ -75,7 +75,7 @@ def rerun_cut_off(study) -> None:
 
 def trial_dir(root: Path, params: dict) -> Path:
     """Named by its parameters, so a rerun of an interrupted trial finds its own checkpoints."""
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(_key(params).encode()).hexdigest()[:10]
     return root / f"trial-{digest}"
 
 
