@@ -26,6 +26,7 @@ def test_card_follows_the_run(tiny_model_dir, train_dir, tmp_path, method, libra
     card = (out / "model" / "README.md").read_text()
     assert "Not evaluated yet" not in card
     assert f"{m['accuracy']:.1%} ({m['correct']}/{m['total']}; Wilson 95% CI {m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})" in card
+    assert "|\n\nData: " in card  # the table ends before the line under it
 
 
 def test_evaluating_another_folder_leaves_the_card_alone(tiny_model_dir, train_dir, tmp_path):

@@ -34,6 +34,7 @@ def _results(metrics: dict | None, run: Path) -> list[str]:
         f"| flexible (last number in the completion) | {metrics['accuracy_flexible']:.1%} |\n"
         f"| no `#### <number>` line | {metrics['no_answer_rate']:.1%} |\n"
         f"| cut off at max_new_tokens | {metrics['truncation_rate']:.1%} |",
+        "",  # a table runs on until a blank line
         f"Data: {metrics['dataset']}, {metrics['total']} problems; prompt `{metrics['prompt_strategy']}`"
         f"{' + instruction' if metrics.get('instruction') else ''}; greedy, {metrics.get('dtype', '?')}. Per-problem "
         f"completions: `{PREDICTIONS}` in the run folder.",
