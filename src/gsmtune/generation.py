@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
+from gsmtune.greedy_screen import screened_output_layer
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import join, new_cache, supports_joining, trim
 
@@ -128,7 +130,6 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1)
 
 
-@torch.inference_mode()
 def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0,
            batch_size: int | None = None, on_text: Callable[[int, str], None] | None = None
            ) -> Iterator[tuple[int, Completion]]:
@@ -138,12 +139,20 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
     done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
     waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
+    Greedy float32 decoding on CPU screens the output layer in bf16 (`greedy_screen`: the same tokens, proven).
     """
+    sampler = _sampler(gen_cfg)
+    with screened_output_layer(model) if sampler is None else contextlib.nullcontext():
+        yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, seed, batch_size, on_text)
+
+
+@torch.inference_mode()
+def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, sampler, seed: int,
+            batch_size: int | None, on_text: Callable[[int, str], None] | None) -> Iterator[tuple[int, Completion]]:
     batch_size = batch_size or len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     eos_ids = set(stop_token_ids(tokenizer, model))
-    sampler = _sampler(gen_cfg)
     generator = torch.Generator(device).manual_seed(seed) if sampler is not None else None
     calculator = Calculator(tokenizer, len(prompts)) if gen_cfg.calculator else None
     joinable = supports_joining(new_cache(model.config))  # a property of the model: decided once
