@@ -65,6 +65,31 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+CEILING = 0.7  # share of physical memory above which a CPU training process gives back the memory it freed
+
+
+def rss_fraction() -> float | None:
+    """This process's resident memory over the machine's physical memory (None where /proc or sysconf lack it)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) / os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def trim_above(ceiling: float = CEILING) -> bool:
+    """Give freed memory back once the process holds more than `ceiling` of physical memory; True if it did.
+
+    Kept memory fragments as batch shapes change: a full-SFT trial (micro-batch 4, rows up to 576 tokens) grew by
+    ~0.3 GiB a minute past 21 GiB on a 24 GiB machine. A trim costs the page faults of about one step, only when over.
+    """
+    fraction = rss_fraction()
+    if _status != KEPT or fraction is None or fraction < ceiling:
+        return False
+    release_freed_memory()
+    return True
+
+
 def status() -> str:
     """What this process's allocator does, as glibc accepted it: recorded in train_metrics.json."""
     return _status

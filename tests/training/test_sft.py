@@ -194,6 +194,7 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
     assert m["train_runtime_seconds"] > m["last_piece_runtime_seconds"]  # the killed piece's seconds count too
     assert (m["allocator"] == r["allocator"] == KEPT) is GLIBC  # in the `gsmtune` process that trained
+    assert m["heap_trims"] == 0  # the memory ceiling watched every step; a tiny model never reaches it
     resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}
     assert max(resumed_steps) == steps
     for p in r["loss_curve"]:

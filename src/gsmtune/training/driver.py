@@ -22,6 +22,7 @@ from gsmtune.training.common import (
     peak_memory_gib,
     say,
 )
+from gsmtune.training.memory_ceiling import MemoryCeiling
 
 RECIPES = {"full": "sft", "lora": "sft", "qlora": "sft", "grpo": "grpo"}  # each module has build_trainer(...)
 
@@ -55,6 +56,9 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     trainer, path = recipe.build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
     args, tokenizer = trainer.args, trainer.processing_class
     trainer.add_callback(TrainClock())
+    ceiling = MemoryCeiling() if device.type == "cpu" else None
+    if ceiling is not None:
+        trainer.add_callback(ceiling)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     say(f"training {cfg.training.method} on {len(trainer.train_dataset)} problems; optimizer {optim}, "
         f"{'bf16' if bf16 else 'fp32'}, {trainable:,} trainable parameters" + (f"; resuming {checkpoint}" if checkpoint else ""))
@@ -103,6 +107,7 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "wall_time_seconds": time.time() - start,
         "resumed_from": checkpoint,
         "allocator": allocator_status(),  # as glibc accepted it in the process that trained
+        "heap_trims": ceiling.trims if ceiling is not None else None,  # times the last piece went over the ceiling
     }
     (out / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(out)
