@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py --data ../shared/data/gsm8k --n 64 [--model RUN/model] [--dtype float32]
     python benchmarks/profile_decode.py --step-sweep   # one decode step's time at batch 1..64 vs the memory floor
+    python benchmarks/profile_decode.py --data ... --model RUN/model --dtype float32 --screen both   # the screen's lever
 
 Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy, the '####' and
 'Question:' stops) with a clock around every model call. Generated tokens are counted as everywhere in gsmtune's
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -71,11 +73,16 @@ def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int) -> di
         calls.append((*kwargs["input_ids"].shape, time.perf_counter() - start))
         return out
 
+    head = lm.model.get_output_embeddings()
+    screen = getattr(head, "_gsmtune_screen", None)
+    before = (screen.proven, screen.recomputed) if screen is not None else (0, 0)
     lm.model.forward = timed
     start = time.perf_counter()
     done = dict(stream(lm.model, lm.tokenizer, prompts, gen_cfg, StopRules(), batch_size=batch_size))
     wall = time.perf_counter() - start
     lm.model.forward = forward
+    screen = getattr(head, "_gsmtune_screen", None)  # greedy_screen's counts of rows proven / recomputed in float32
+    screened = (screen.proven - before[0], screen.recomputed - before[1]) if screen is not None else (0, 0)
     decode = [(rows, s) for rows, width, s in calls if width == 1]
     buckets = defaultdict(list)
     for rows, s in decode:
@@ -87,6 +94,7 @@ def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int) -> di
             "by_batch": {k: {"steps": len(v), "ms_per_step": 1e3 * statistics.median(v), "s": sum(v)}
                          for k, v in sorted(buckets.items(), key=lambda kv: int(kv[0].split("-")[0]))},
             "stops": dict(Counter(c.stop_reason for c in done.values())),
+            "screen_rows_proven": screened[0], "screen_rows_recomputed": screened[1],
             "completions": [done[i].text for i in range(len(prompts))]}
 
 
@@ -98,6 +106,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--screen", choices=("on", "off", "both"), default="on",
+                   help="greedy_screen (float32 on CPU); both: off then on, in one process, same completions checked")
     p.add_argument("--step-sweep", action="store_true", help="time one decode step per batch size instead")
     p.add_argument("--context", type=int, default=300, help="cached positions for --step-sweep")
     p.add_argument("--out", type=Path)
@@ -121,8 +131,14 @@ def main() -> None:
             questions = [json.loads(next(f))["question"] for _ in range(a.n)]
         prompts = sorted((tokenize_prompt(f"Question: {q}\nAnswer:", lm.tokenizer) for q in questions), key=len)
         result = header | {"n": a.n, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
-        result |= profile_stream(lm, prompts, gen, a.batch_size)
-    print(json.dumps({k: v for k, v in result.items() if k != "completions"}, indent=1))
+        for mode in ("off", "on") if a.screen == "both" else (a.screen,):
+            os.environ["GSMTUNE_SCREEN"] = mode
+            result[f"screen_{mode}"] = profile_stream(lm, prompts, gen, a.batch_size)
+        if a.screen == "both":
+            pairs = zip(result["screen_off"]["completions"], result["screen_on"]["completions"], strict=True)
+            result["identical_completions"] = sum(x == y for x, y in pairs)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "completions"} if isinstance(v, dict) else v
+                      for k, v in result.items()}, indent=1))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
 
