@@ -52,6 +52,18 @@ def test_compare_pair_and_changes(tmp_path):
     assert report.counts["no_answer"] == 8 and report.rate("no_answer") == 0.8 and len(report.examples["no_answer"]) == 3
 
 
+def test_runs_on_other_problems_are_not_paired(tmp_path):
+    """A validation run and a test run share indices, not problems: only rows with the same question pair up."""
+    from gsmtune.analysis import all_pairs
+
+    test = write_run(tmp_path / "test", [row(" #### 24", index=i, question=f"test {i}") for i in range(5)])
+    val = write_run(tmp_path / "val", [row(" no", index=i, question=f"train {i}") for i in range(5)])
+    mixed = write_run(tmp_path / "mixed", [row(" no", index=i, question=f"{'test' if i < 2 else 'train'} {i}")
+                                           for i in range(5)])
+    assert compare_pair(test, val).n == 0 and all_pairs([test, val]) == []
+    assert compare_pair(test, mixed).n == 2 and changed_problems(test, mixed)["broken"] == [0, 1]
+
+
 def test_self_consistency_runs_are_compared_by_their_vote_too(tmp_path):
     from gsmtune.report import comparison_markdown
 

@@ -30,11 +30,13 @@ class Collect(HTMLParser):
 
 
 def fixture_runs(root):
-    base = write_run(root / "base", [row(" #### 24" if i < 2 else " no", index=i, stop="eos") for i in range(10)],
+    question = {3: "q3", 4: "Tom has 7 apples"}.get  # the same problems in both runs
+    base = write_run(root / "base", [row(" #### 24" if i < 2 else " no", index=i, stop="eos",
+                                         question=question(i, f"question {i}?")) for i in range(10)],
                      config="prompt:\n  strategy: one_shot\n")
     tuned_dir = root / "lora"
     write_run(tuned_dir, [row(" 48/2=<<48/2=24>>24\n#### 24" if i != 1 else " 48/2=<<48/2=25>>25\n#### 25", index=i,
-                              question={3: "q3", 4: "Tom has 7 apples"}.get(i, f"question {i}?")) for i in range(10)],
+                              question=question(i, f"question {i}?")) for i in range(10)],
               config=f"baseline_run: {root / 'base'}\ndataset:\n  config_name: main\n  source: local\n"
                      "reference:\n  accuracy: 0.2\n  source: gemma-2b-it, 100 problems\n")
     write_training_data(tuned_dir, ["q3", "Tom has 5 apples"])  # eval question 3 verbatim, question 4 with other numbers

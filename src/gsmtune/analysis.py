@@ -136,8 +136,15 @@ class PairedComparison:
         return self.acc_b - self.acc_a
 
 
+def shared_problems(a: Run, b: Run) -> list[int]:
+    """Indices that name the same problem in both runs: a validation split and the test set share indices, not
+    problems, so the question must match too."""
+    return sorted(i for i in set(a.predictions) & set(b.predictions)
+                  if a.predictions[i].get("question") == b.predictions[i].get("question"))
+
+
 def compare_pair(a: Run, b: Run) -> PairedComparison:
-    shared = sorted(set(a.predictions) & set(b.predictions))
+    shared = shared_problems(a, b)
     ra = [bool(a.predictions[i]["correct"]) for i in shared]
     rb = [bool(b.predictions[i]["correct"]) for i in shared]
     only_a = sum(x and not y for x, y in zip(ra, rb, strict=True))
@@ -186,7 +193,7 @@ def training_rows(runs: list[Run]) -> list[dict]:
 def changed_problems(base: Run, tuned: Run) -> dict[str, list[int]]:
     """Problem indices by outcome: fixed (base wrong, tuned right), broken, both right, both wrong."""
     out: dict[str, list[int]] = {"fixed": [], "broken": [], "both_right": [], "both_wrong": []}
-    for i in sorted(set(base.predictions) & set(tuned.predictions)):
+    for i in shared_problems(base, tuned):
         x, y = base.predictions[i]["correct"], tuned.predictions[i]["correct"]
         out["both_right" if x and y else "both_wrong" if not x and not y else "fixed" if y else "broken"].append(i)
     return out
