@@ -61,6 +61,8 @@ def test_runs_on_other_problems_are_not_paired(tmp_path):
     mixed = write_run(tmp_path / "mixed", [row(" no", index=i, question=f"{'test' if i < 2 else 'train'} {i}")
                                            for i in range(5)])
     assert compare_pair(test, val).n == 0 and all_pairs([test, val]) == []
+    val.metrics["dataset"], test.metrics["dataset"] = "local:openai/gsm8k/main/validation", "hub:openai/gsm8k/main/test"
+    assert val.dataset == "? (?, validation)" and test.dataset == "? (?)"  # tables say which split a run scored
     assert compare_pair(test, mixed).n == 2 and changed_problems(test, mixed)["broken"] == [0, 1]
 
 

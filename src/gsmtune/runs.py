@@ -208,8 +208,10 @@ class Run:
 
     @property
     def dataset(self) -> str:
+        """Variant, source, and the split scored where it is not test (a sweep's trials score validation)."""
         d = self.config.get("dataset", {})
-        return f"{d.get('config_name', '?')} ({d.get('source', '?')})"
+        split = str(self.metrics.get("dataset", "")).rsplit("/", 1)[-1]
+        return f"{d.get('config_name', '?')} ({d.get('source', '?')}{'' if split in ('', 'test') else ', ' + split})"
 
 
 def _upgrade(run: Run) -> Run:
