@@ -38,11 +38,7 @@ def test_off_glibc_it_says_so(monkeypatch):
     assert allocator.mmapped_bytes() is None and allocator.keeps_freed_memory() is False
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
-def test_freed_memory_goes_back_between_stages():
-    """Kept memory stays in the process (RSS) until release_freed_memory hands it back once, as a sweep does between
-    trials."""
-    code = """
+KEPT_512_MIB = """
 import os, torch
 from gsmtune import allocator as a
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
@@ -50,23 +46,18 @@ a.keep_freed_memory()
 blocks = [torch.ones(2**24) for _ in range(8)]  # 512 MiB, pages touched
 del blocks
 kept = rss()
-a.release_freed_memory()
-print(kept - rss() > 400)
-"""
-    assert run(code) == "True"
+"""  # a process that freed 512 MiB and kept it
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_freed_memory_goes_back_between_stages():
+    """Kept memory stays in the process (RSS) until release_freed_memory hands it back once, as a sweep does between
+    trials."""
+    assert run(KEPT_512_MIB + "a.release_freed_memory(); print(kept - rss() > 400)") == "True"
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_a_process_over_the_ceiling_gives_freed_memory_back():
     """Trimmed only above the ceiling: what a training step (MemoryCeiling) calls after every optimizer step."""
-    code = """
-import os, torch
-from gsmtune import allocator as a
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
-a.keep_freed_memory()
-blocks = [torch.ones(2**24) for _ in range(8)]  # 512 MiB, pages touched
-del blocks
-kept = rss()
-print(a.trim_above(1.0), kept - rss() < 100, a.trim_above(0.0), kept - rss() > 400)
-"""
+    code = KEPT_512_MIB + "print(a.trim_above(1.0), kept - rss() < 100, a.trim_above(0.0), kept - rss() > 400)"
     assert run(code) == "False True True True"
