@@ -90,6 +90,7 @@ class GRPOSettings:
     correct_weight: float = 1.0  # reward for the right final number
     format_weight: float = 0.2  # reward for a '#### <number>' line
     use_lora: bool = True  # train a new LoRA adapter (an adapter given as model.name keeps training either way)
+    rollout: str = "decode_loop"  # CPU sampling through gsmtune's decode loop (training/rollout.py); "trl": generate()
 
 
 @dataclass
@@ -163,6 +164,7 @@ CHOICES = {
     "training.method": ("full", "lora", "qlora", "grpo"),
     "training.report_to": ("none", "tensorboard", "wandb", "mlflow"),
     "sweep.sampler": ("tpe", "grid"),
+    "training.grpo.rollout": ("decode_loop", "trl"),
 }
 # Keys that change speed, not results: a resumed run may differ in these.
 RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",

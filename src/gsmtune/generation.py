@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import (
@@ -69,6 +69,7 @@ class Completion:
     stop_reason: str  # eos | answer_line | new_question | max_tokens
     calculator_calls: int = 0
     calculator_changed: int = 0  # calls whose forced result differed from what the model would have written
+    token_ids: list[int] = field(default_factory=list, repr=False, compare=False)  # all sampled, EOS too (for GRPO)
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -225,7 +226,7 @@ def _finish(tokenizer, tokens: list[int], eos_ids: set[int], rules: StopRules) -
     text = tokenizer.decode(used, skip_special_tokens=True)
     stop = rules.find(text)
     if stop is not None:
-        return Completion(text=text[: stop[0]], num_tokens=len(used), stop_reason=stop[1])
+        return Completion(text=text[: stop[0]], num_tokens=len(used), stop_reason=stop[1], token_ids=tokens)
     if end is not None:
-        return Completion(text=text, num_tokens=len(used) + 1, stop_reason="eos")
-    return Completion(text=text, num_tokens=len(used), stop_reason="max_tokens")
+        return Completion(text=text, num_tokens=len(used) + 1, stop_reason="eos", token_ids=tokens)
+    return Completion(text=text, num_tokens=len(used), stop_reason="max_tokens", token_ids=tokens)

@@ -49,3 +49,41 @@ def test_grpo_continues_an_sft_adapter(tiny_model_dir, train_dir, tmp_path):
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["train"]["trained_model"]["method"] == "lora"
     assert json.loads((out / "training_data.json").read_text())["includes"] == str(sft)
+
+
+def test_cpu_grpo_samples_through_the_decode_loop(tiny_model_dir, train_dir, tmp_path, monkeypatch):
+    """The default CPU rollout is gsmtune's loop (training/rollout.py); `training.grpo.rollout=trl` keeps TRL's."""
+    from gsmtune.training import rollout
+
+    calls = []
+    real = rollout.stream
+    monkeypatch.setattr(rollout, "stream", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    args = ["training.method=grpo", "training.max_steps=2", "training.bf16=false", "training.grpo.num_generations=2",
+            "training.per_device_train_batch_size=4", "training.grpo.max_completion_length=8"]
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "loop", *args)]) == 0
+    assert calls == [4, 4]  # one call a step, 2 prompts x 2 completions
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "trl", *args,
+                                             "training.grpo.rollout=trl")]) == 0
+    assert calls == [4, 4]
+
+
+def test_rollout_samples_one_completion_per_prompt_and_restores_training_mode(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from conftest import sliding_model
+
+    from gsmtune.training.rollout import decode_loop_rollout
+
+    model = sliding_model(tiny_tokenizer, seed=2).train()
+    args = SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, max_completion_length=6, seed=7)
+    trainer = SimpleNamespace(args=args, processing_class=tiny_tokenizer, model=model,
+                              accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    prompts = ["Question: 2 + 2?\nAnswer:"] * 3 + ["Question: how many apples?\nAnswer:"] * 3
+    first, second = decode_loop_rollout(), decode_loop_rollout()
+    out = first(prompts, trainer)
+    assert model.training  # back in training mode for the policy update
+    assert out["prompt_ids"] == tiny_tokenizer(text=prompts)["input_ids"] and out["logprobs"] is None
+    assert len(out["completion_ids"]) == 6 and all(1 <= len(c) <= 6 for c in out["completion_ids"])
+    assert len({tuple(c) for c in out["completion_ids"][:3]}) > 1  # samples, not one greedy answer thrice
+    assert second(prompts, trainer)["completion_ids"] == out["completion_ids"]  # seeded by args.seed and call count
+    assert first(prompts, trainer)["completion_ids"] != out["completion_ids"]  # the next call draws new samples

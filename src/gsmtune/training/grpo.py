@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from gsmtune.models import is_adapter, load_weights, resolve_model_path
 from gsmtune.prompts import build_prompt
 from gsmtune.training.common import peft_config, trainer_args, training_attention
 from gsmtune.training.rewards import correctness_reward, format_reward
+from gsmtune.training.rollout import decode_loop_rollout
 
 
 def grpo_rows(problems: list, cfg: DictConfig, tokenizer) -> list[dict]:
@@ -44,9 +46,13 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
             "num_generations": g.num_generations, "max_completion_length": g.max_completion_length, "beta": g.beta,
             "temperature": g.temperature, "reward_weights": [g.correct_weight, g.format_weight], "use_vllm": use_vllm,
         } | passthrough(cfg.training))  # TRL's own fields given as training.*, last: they win
-        trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
-                              train_dataset=Dataset.from_list(grpo_rows(train_problems, cfg, tokenizer)),
-                              processing_class=tokenizer, peft_config=peft_config(cfg) if new_lora else None)
+        rollout = decode_loop_rollout() if device.type == "cpu" and g.rollout == "decode_loop" else None
+        with warnings.catch_warnings():  # rollout_func is marked experimental in TRL: pinned by constraints.txt, tested
+            warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
+            trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
+                                  train_dataset=Dataset.from_list(grpo_rows(train_problems, cfg, tokenizer)),
+                                  processing_class=tokenizer, peft_config=peft_config(cfg) if new_lora else None,
+                                  rollout_func=rollout)
     except ValueError as e:  # e.g. a batch size that num_generations does not divide
         raise GsmtuneError(f"GRPO settings rejected: {str(e).splitlines()[0]}") from e
     return trainer, path
