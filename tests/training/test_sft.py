@@ -146,13 +146,18 @@ def test_validation_split_is_seeded_and_disjoint(train_dir):
         train_validation_split(too_many)
 
 
-def test_validation_and_early_stopping_run(tiny_model_dir, train_dir, tmp_path):
+def test_validation_and_early_stopping_run(tiny_model_dir, train_dir, tmp_path, monkeypatch):
+    from gsmtune.training import memory_ceiling
+
+    checks = []  # the memory ceiling looks after every optimizer step and every validation batch
+    monkeypatch.setattr(memory_ceiling, "trim_above", lambda: checks.append(1) or False)
     out = tmp_path / "v"
     assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, "dataset.validation_size=4",
                                                          "training.eval_steps=2",
                                                          "training.early_stopping_patience=3")]) == 0
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["validation_examples"] == 4 and [p["step"] for p in m["eval_loss_curve"]] == [2, 4]
+    assert len(checks) > m["global_step"] and m["heap_trims"] == 0
 
 
 def test_adapter_folder_evaluates_and_merges(tiny_model_dir, train_dir, tmp_path):
