@@ -82,6 +82,16 @@ def test_config_differences_ignores_runtime_keys():
     assert config_differences(a, b) == ["seed"]
 
 
+def test_a_setting_added_since_a_run_was_saved_counts_as_its_default():
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(load_config(None))
+    del saved["training"]["grpo"]["rollout"]  # a run folder from before the setting existed
+    saved = OmegaConf.create(saved)
+    assert config_differences(saved, load_config(None)) == []
+    assert config_differences(saved, load_config(None, ["training.grpo.rollout=trl"])) == ["training.grpo.rollout"]
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_shipped_configs_load(path):
     load_config(path)

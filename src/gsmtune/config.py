@@ -385,9 +385,11 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def config_differences(a: DictConfig, b: DictConfig, ignore: tuple[str, ...] = RUNTIME_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two configs (for refusing to mix runs)."""
-    flat_a = _flatten(OmegaConf.to_container(a))
-    flat_b = _flatten(OmegaConf.to_container(b))
+    """Dotted keys whose values differ between two configs (for refusing to mix runs). A key one of them lacks, saved
+    before gsmtune had it, counts as its default: a run keeps resuming across a release that adds a setting."""
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    flat_a = defaults | _flatten(OmegaConf.to_container(a))
+    flat_b = defaults | _flatten(OmegaConf.to_container(b))
     keys = sorted(set(flat_a) | set(flat_b))
     return [k for k in keys if k not in ignore and flat_a.get(k) != flat_b.get(k)]
 
