@@ -48,6 +48,10 @@ def test_resume_after_interruption_loses_nothing(run_args, tmp_path):
     assert sorted(r["index"] for r in resumed) == list(range(6))
     by_index = {r["index"]: r["completion"] for r in resumed}
     assert by_index == {r["index"]: r["completion"] for r in full}
+    run = tmp_path / "run"
+    kept = {f: (run / f).read_text() for f in ("metrics.json", "provenance.json", "config.yaml")}
+    assert main(run_args + ["--resume", "generation.batch_size=3"]) == 0  # finished: nothing to do, nothing rewritten
+    assert {f: (run / f).read_text() for f in kept} == kept
 
 
 def test_float32_completions_do_not_depend_on_the_batch(run_args, tmp_path):

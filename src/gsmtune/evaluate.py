@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,7 +138,12 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     problems = load_eval_problems(cfg)
     train = load_split(cfg.dataset, "train") if cfg.prompt.strategy == "few_shot" else None
     shots = shots_for(cfg.prompt, train)
-    out = prepare(cfg, resume, overwrite)
+    finished = (resume and not overwrite and (Path(cfg.output_dir) / METRICS).exists()
+                and {p.index for p in problems} <= read_predictions(Path(cfg.output_dir) / PREDICTIONS).keys())
+    out = prepare(cfg, resume, overwrite, save=not finished)
+    if finished:  # its metrics and provenance stay those of the process that scored it
+        print(f"gsmtune: {out} already scored all {len(problems)} problems; nothing to resume", file=sys.stderr)
+        return json.loads((out / METRICS).read_text())
     dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
     write_provenance(out, "eval", str(device), dtype, model_path or cfg.model.name)
     pred_path = out / PREDICTIONS
