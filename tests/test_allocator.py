@@ -59,5 +59,6 @@ def test_freed_memory_goes_back_between_stages():
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_a_process_over_the_ceiling_gives_freed_memory_back():
     """Trimmed only above the ceiling: what a training step (MemoryCeiling) calls after every optimizer step."""
-    code = KEPT_512_MIB + "print(a.trim_above(1.0), kept - rss() < 100, a.trim_above(0.0), kept - rss() > 400)"
-    assert run(code) == "False True True True"
+    code = KEPT_512_MIB + ("print(a.trim_above(1.0, 0), a.trim_above(0.0, 2**40), kept - rss() < 100, "
+                           "a.free_heap_bytes() > 400 * 2**20, a.trim_above(0.0, 2**20), kept - rss() > 400)")
+    assert run(code) == "False False True True True True"  # over the ceiling and enough free heap: only then

@@ -86,10 +86,10 @@ def test_a_setting_added_since_a_run_was_saved_counts_as_its_default():
     from omegaconf import OmegaConf
 
     saved = OmegaConf.to_container(load_config(None))
-    del saved["training"]["grpo"]["rollout"]  # a run folder from before the setting existed
+    del saved["prompt"]["one_shot_example"]  # a run folder from before the setting existed
     saved = OmegaConf.create(saved)
     assert config_differences(saved, load_config(None)) == []
-    assert config_differences(saved, load_config(None, ["training.grpo.rollout=trl"])) == ["training.grpo.rollout"]
+    assert config_differences(saved, load_config(None, ["prompt.one_shot_example=gsm8k"])) == ["prompt.one_shot_example"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(p.parents[1])))

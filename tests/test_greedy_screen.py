@@ -70,3 +70,11 @@ def test_a_model_that_trained_since_gets_a_new_screen(tiny_tokenizer):
         model.get_output_embeddings().weight.mul_(2)
     with screened_output_layer(model) as second:
         assert second is not first and torch.equal(second.weight16, model.get_output_embeddings().weight.bfloat16())
+
+
+def test_two_streams_on_one_model_leave_it_as_it_was(tiny_tokenizer):
+    model = sliding_model(tiny_tokenizer, seed=3)
+    head = model.get_output_embeddings()
+    with screened_output_layer(model), screened_output_layer(model):
+        assert "forward" in head.__dict__
+    assert "forward" not in head.__dict__

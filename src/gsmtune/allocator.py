@@ -77,14 +77,24 @@ def rss_fraction() -> float | None:
         return None
 
 
-def trim_above(ceiling: float = CEILING) -> bool:
-    """Give freed memory back once the process holds more than `ceiling` of physical memory; True if it did.
+def free_heap_bytes() -> int | None:
+    """Bytes glibc holds free in its heaps (None off glibc): what a trim could give back."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+def trim_above(ceiling: float = CEILING, min_free: int = 2**30) -> bool:
+    """Give freed memory back once the process holds more than `ceiling` of physical memory and at least `min_free`
+    bytes of it are free heap (memory in use cannot be given back: no trim, no refaulting then); True if it trimmed.
 
     Kept memory fragments as batch shapes change: a full-SFT trial (micro-batch 4, rows up to 576 tokens) grew by
     ~0.3 GiB a minute past 21 GiB on a 24 GiB machine. A trim costs the page faults of about one step, only when over.
     """
     fraction = rss_fraction()
-    if _status != KEPT or fraction is None or fraction < ceiling:
+    if _status != KEPT or fraction is None or fraction < ceiling or (free_heap_bytes() or 0) < min_free:
         return False
     release_freed_memory()
     return True

@@ -169,7 +169,8 @@ CHOICES = {
 # Keys that change speed, not results: a resumed run may differ in these.
 RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
                 "sweep.space", "sweep.study_name", "sweep.sampler", "reference.accuracy", "reference.source",
-                "training.gradient_checkpointing", "training.answer_head")  # how a run goes, not what it learns
+                "training.gradient_checkpointing", "training.answer_head",
+                "training.grpo.rollout")  # how a run goes, not what it learns (rollout: the same sampling, faster)
 
 
 # Keys renamed to the library's own names; the old spelling keeps working (config files, command lines, saved runs).
@@ -386,7 +387,8 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def config_differences(a: DictConfig, b: DictConfig, ignore: tuple[str, ...] = RUNTIME_KEYS) -> list[str]:
     """Dotted keys whose values differ between two configs (for refusing to mix runs). A key one of them lacks, saved
-    before gsmtune had it, counts as its default: a run keeps resuming across a release that adds a setting."""
+    before gsmtune had it, counts as its default: a run keeps resuming across a release that adds a setting (so a new
+    setting's default must do what gsmtune did before it, or the setting must be a RUNTIME_KEY)."""
     defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
     flat_a = defaults | _flatten(OmegaConf.to_container(a))
     flat_b = defaults | _flatten(OmegaConf.to_container(b))

@@ -7,11 +7,11 @@ tokens; those are scored again in float32; the row's token comes from them only 
 is the token the full float32 product's argmax picks, in whatever order that product sums. Rows it cannot prove get
 the full float32 product. No library offers this (it is exact only for greedy choice), hence by hand.
 
-The bounds (standard forward error analysis, unit roundoff u = 2^-8 for bf16, 2^-24 for float32; n = x's length;
-|x|.|w| <= ||x|| ||w|| <= ||x|| * (largest row norm of W) =: N):
+The bounds (standard forward error analysis, unit roundoff u = 2^-8 for bf16, 2^-24 for float32; n = x's length,
+g = n 2^-24 / (1 - n 2^-24); |x|.|w| <= ||x|| ||w|| <= ||x|| * (largest row norm of W) =: N):
 - screen: x and w rounded to bf16, products summed in float32, the sum rounded to bf16: a screened logit s is
-  within 2u(1+u)(1+n 2^-24) N + u/(1-u) |s| of the exact one; the code uses 4u N + 2u |s|.
-- float32: any summation order is within n 2^-24/(1 - n 2^-24) N of the exact value; the code uses 2n 2^-24 N.
+  within ((2u + u^2)(1 + g) + g) N + u/(1-u) |s| of the exact one; the code uses 4u N + 2u |s| (enough for n < 2^15).
+- float32: any summation order is within g N of the exact value; the code uses 2n 2^-24 N.
 Screening only pays, and the bound only holds, where bf16 products are summed in float32: CPUs (CUDA may reduce in
 bf16), so it is on for CPU float32 greedy decoding and off otherwise (`GSMTUNE_SCREEN=off` turns it off, to measure).
 """
@@ -66,8 +66,10 @@ class Screen:
 def _eligible(model) -> nn.Linear | None:
     head = model.get_output_embeddings()
     config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if (not isinstance(head, nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32
-            or head.weight.device.type != "cpu" or getattr(config, "final_logit_softcapping", None) is not None
+            or head.weight.device.type != "cpu" or head.weight.shape[1] >= 2**15
+            or getattr(config, "final_logit_softcapping", None) is not None
             or os.environ.get("GSMTUNE_SCREEN", "on") == "off"):
         return None
     return head
@@ -91,8 +93,12 @@ def screened_output_layer(model) -> Iterator[Screen | None]:
         yield None
         return
     screen = screen_of(head)
+    before = head.__dict__.get("forward")  # another stream's screen, when two decode the same model at once
     head.forward = screen.logits  # the instance attribute shadows nn.Linear.forward; its pre-hooks still run
     try:
         yield screen
     finally:
-        del head.forward
+        if before is None:
+            head.__dict__.pop("forward", None)
+        else:
+            head.forward = before

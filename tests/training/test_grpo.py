@@ -1,8 +1,10 @@
 import json
 
+import pytest
 from conftest import overrides
 
 from gsmtune.cli import main
+from gsmtune.errors import GsmtuneError
 from gsmtune.training.rewards import correctness_reward, format_reward
 
 
@@ -75,11 +77,12 @@ def test_rollout_samples_one_completion_per_prompt_and_restores_training_mode(ti
     from gsmtune.training.rollout import decode_loop_rollout
 
     model = sliding_model(tiny_tokenizer, seed=2).train()
-    args = SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, max_completion_length=6, seed=7)
-    trainer = SimpleNamespace(args=args, processing_class=tiny_tokenizer, model=model,
+    args = SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, max_completion_length=6, seed=7, min_p=None,
+                           repetition_penalty=1.0, generation_kwargs=None)
+    trainer = SimpleNamespace(args=args, processing_class=tiny_tokenizer, model=model, state=SimpleNamespace(global_step=0),
                               accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     prompts = ["Question: 2 + 2?\nAnswer:"] * 3 + ["Question: how many apples?\nAnswer:"] * 3
-    first, second = decode_loop_rollout(), decode_loop_rollout()
+    first, second = decode_loop_rollout(args), decode_loop_rollout(args)
     out = first(prompts, trainer)
     assert model.training  # back in training mode for the policy update
     assert out["prompt_ids"] == tiny_tokenizer(text=prompts)["input_ids"] and out["logprobs"] is None
@@ -87,3 +90,7 @@ def test_rollout_samples_one_completion_per_prompt_and_restores_training_mode(ti
     assert len({tuple(c) for c in out["completion_ids"][:3]}) > 1  # samples, not one greedy answer thrice
     assert second(prompts, trainer)["completion_ids"] == out["completion_ids"]  # seeded by args.seed and call count
     assert first(prompts, trainer)["completion_ids"] != out["completion_ids"]  # the next call draws new samples
+    trainer.state.global_step = 5  # a resumed run: its first call draws anew, not the first step's samples again
+    assert decode_loop_rollout(args)(prompts, trainer)["completion_ids"] != out["completion_ids"]
+    with pytest.raises(GsmtuneError, match="training.grpo.rollout=trl"):
+        decode_loop_rollout(SimpleNamespace(**vars(args) | {"repetition_penalty": 1.1}))

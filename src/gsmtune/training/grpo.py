@@ -46,7 +46,7 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
             "num_generations": g.num_generations, "max_completion_length": g.max_completion_length, "beta": g.beta,
             "temperature": g.temperature, "reward_weights": [g.correct_weight, g.format_weight], "use_vllm": use_vllm,
         } | passthrough(cfg.training))  # TRL's own fields given as training.*, last: they win
-        rollout = decode_loop_rollout() if device.type == "cpu" and g.rollout == "decode_loop" else None
+        rollout = decode_loop_rollout(args) if device.type == "cpu" and g.rollout == "decode_loop" else None
         with warnings.catch_warnings():  # rollout_func is marked experimental in TRL: pinned by constraints.txt, tested
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
             trainer = GRPOTrainer(model=model, reward_funcs=[correctness_reward, format_reward], args=args,
