@@ -77,13 +77,19 @@ def rss_fraction() -> float | None:
         return None
 
 
-def free_heap_bytes() -> int | None:
-    """Bytes glibc holds free in its heaps (None off glibc): what a trim could give back."""
+def _mallinfo() -> _MallInfo2 | None:
+    """glibc's heap statistics (None off glibc, or before glibc 2.33 had mallinfo2)."""
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().fordblks)
+    return libc.mallinfo2()
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes glibc holds free in its heaps (None off glibc): what a trim could give back."""
+    info = _mallinfo()
+    return None if info is None else int(info.fordblks)
 
 
 def trim_above(ceiling: float = CEILING, min_free: int = 2**30) -> bool:
@@ -107,11 +113,8 @@ def status() -> str:
 
 def mmapped_bytes() -> int | None:
     """Bytes glibc currently holds in mmap-backed chunks (None off glibc): stays flat once keep_freed_memory is on."""
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().hblkhd)
+    info = _mallinfo()
+    return None if info is None else int(info.hblkhd)
 
 
 def keeps_freed_memory() -> bool:
