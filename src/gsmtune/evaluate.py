@@ -140,7 +140,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     shots = shots_for(cfg.prompt, train)
     finished = (resume and not overwrite and (Path(cfg.output_dir) / METRICS).exists()
                 and {p.index for p in problems} <= read_predictions(Path(cfg.output_dir) / PREDICTIONS).keys())
-    out = prepare(cfg, resume, overwrite, save=not finished)
+    out = prepare(cfg, resume, overwrite, finished)
     if finished:  # its metrics and provenance stay those of the process that scored it
         print(f"gsmtune: {out} already scored all {len(problems)} problems; nothing to resume", file=sys.stderr)
         return json.loads((out / METRICS).read_text())

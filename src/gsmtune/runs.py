@@ -46,9 +46,9 @@ FORMAT = 2  # 1: folders from before provenance.json (read through `_upgrade`)
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 
-def prepare(cfg: DictConfig, resume: bool, overwrite: bool, save: bool = True) -> Path:
-    """Create the run folder, refusing to mix this run with an earlier one that used another config; `save` writes
-    this config into it (not for a finished run that a resume leaves as it is)."""
+def prepare(cfg: DictConfig, resume: bool, overwrite: bool, finished: bool = False) -> Path:
+    """Create the run folder, refusing to mix this run with an earlier one that used another config, and save this
+    config in it, unless it is `finished` and resumed: a resume then leaves it as it is."""
     out = Path(cfg.output_dir)
     saved = out / CONFIG
     if saved.exists():
@@ -64,7 +64,7 @@ def prepare(cfg: DictConfig, resume: bool, overwrite: bool, save: bool = True) -
                     "use another output_dir or --overwrite"
                 )
     out.mkdir(parents=True, exist_ok=True)
-    if save:
+    if not (finished and resume and saved.exists()):
         saved.write_text(to_yaml(cfg))
     return out
 

@@ -41,8 +41,7 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     train_problems, val_problems = train_validation_split(cfg)
     optim, bf16 = choose_runtime(cfg.training, device)
     if is_main_process():  # a finished training that a resume leaves alone keeps its config as it trained
-        out = prepare(cfg, resume, overwrite, save=not (resume and not overwrite and
-                                                         (Path(cfg.output_dir) / TRAIN_METRICS).exists()))
+        out = prepare(cfg, resume, overwrite, finished=(Path(cfg.output_dir) / TRAIN_METRICS).exists())
     else:  # other ranks leave the run folder to rank 0; the trainer synchronises them
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
