@@ -194,10 +194,14 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "train_metrics.json").exists()
+    for state_file in (out / "checkpoints").glob("checkpoint-*/trainer_state.json"):  # as if the killed piece ran an hour
+        state = json.loads(state_file.read_text())
+        state["stateful_callbacks"]["TrainClock"]["args"]["seconds"] = 3600.0
+        state_file.write_text(json.dumps(state))
     subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True)
     m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
-    assert m["train_runtime_seconds"] > m["last_piece_runtime_seconds"]  # the killed piece's seconds count too
+    assert m["train_runtime_seconds"] >= 3600 + m["last_piece_runtime_seconds"] / 2  # the killed piece's hour counts
     assert (m["allocator"] == r["allocator"] == KEPT) is GLIBC  # in the `gsmtune` process that trained
     assert m["heap_trims"] == 0  # the memory ceiling watched every step; a tiny model never reaches it
     resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}

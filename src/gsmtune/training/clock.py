@@ -18,8 +18,9 @@ class TrainClock(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
-        if state.global_step and "TrainClock" not in state.stateful_callbacks:  # resumed from a clockless checkpoint
-            self.seconds = None
+        if state.global_step:  # resumed: read the checkpoint's clock itself, as the trainer restores callbacks only
+            # when restore_callback_states_from_checkpoint is set (off by default); a clockless checkpoint has none
+            self.seconds = state.stateful_callbacks.get("TrainClock", {}).get("args", {}).get("seconds")
         state.stateful_callbacks.setdefault("TrainClock", self.state())  # the trainer's save looks the name up
 
     def piece_seconds(self) -> float:
