@@ -3,9 +3,9 @@
 # and each row continues from its checkpoint or predictions file; finished rows and trials are not redone.
 #   nohup scripts/study_cpu.sh ../shared/data/gsm8k > study.log 2>&1 &
 # Rows run in the order the study needs them: the tuned LoRA row, the full-SFT learning-rate grid (the longest chain
-# of rows waits on it), then the study's base row. The grid's winner goes into cpu/full_main.yaml and
-# cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there until the grid's result
-# (results/cpu/sweeps/full_main_lr/best.yaml) is applied.
+# of rows waits on it), the trained rows, then the base rows (cheap, and nothing waits on them). The grid's winner
+# goes into cpu/full_main.yaml and cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there
+# until the grid's result (results/cpu/sweeps/full_main_lr/best.yaml) is applied.
 # Not here yet: the rows on the best model (calculator, self-consistency, GRPO), which wait for the table.
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
@@ -16,7 +16,6 @@ D=(dataset.source=local "dataset.path=$data")
 
 "$gsmtune" run cpu/lora_main "${D[@]}" --resume
 "$gsmtune" sweep cpu/full_main_lr_grid --trials 3 "${D[@]}"
-"$gsmtune" eval cpu/one_shot_instruction "${D[@]}" --resume
 chosen=$("$python" -c "from gsmtune.config import load_config as c
 print(c('results/cpu/sweeps/full_main_lr/best.yaml').training.learning_rate == c('src/gsmtune/configs/cpu/full_main.yaml').training.learning_rate)")
 if [ "$chosen" != True ]; then
@@ -27,6 +26,6 @@ fi
 for row in full_main lora_socratic full_socratic lora_main_seed43 lora_main_seed44; do
     "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
-for row in zero_shot zero_shot_instruction one_shot; do
+for row in one_shot_instruction zero_shot zero_shot_instruction one_shot; do
     "$gsmtune" eval "cpu/$row" "${D[@]}" --resume
 done
