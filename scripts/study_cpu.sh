@@ -6,7 +6,8 @@
 # of rows waits on it), the trained rows, then the base rows (cheap, and nothing waits on them). The grid's winner
 # goes into cpu/full_main.yaml and cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there
 # until the grid's result (results/cpu/sweeps/full_main_lr/best.yaml) is applied.
-# Not here yet: the rows on the best model (calculator, self-consistency, GRPO), which wait for the table.
+# Last, on the best trained row (test EM; ties: the first of full_main, full_socratic, lora_main, lora_socratic), the
+# issue's extra rows, each paired with it: calculator, self-consistency (k = 5), both, and GRPO (cpu/grpo_best).
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
 cd "$(dirname "$0")/.."
@@ -29,3 +30,15 @@ done
 for row in one_shot_instruction zero_shot zero_shot_instruction one_shot; do
     "$gsmtune" eval "cpu/$row" "${D[@]}" --resume
 done
+best=$("$python" -c "import json
+rows = ['full_main', 'full_socratic', 'lora_main', 'lora_socratic']
+acc = {r: json.load(open(f'results/cpu/{r}/metrics.json'))['accuracy'] for r in rows}
+print(max(rows, key=acc.get))")
+R=results/cpu/$best
+E=("$R/config.yaml" "model.name=$R/model" "${D[@]}" "baseline_run=$R")
+# self-consistency samples at temperature 0.7, top-k 40 (Wang et al., 2022) beside each problem's greedy completion
+SC=(generation.num_samples=5 generation.temperature=0.7 generation.top_k=40)
+"$gsmtune" eval "${E[@]}" generation.calculator=true "output_dir=${R}_calculator" --resume
+"$gsmtune" eval "${E[@]}" "${SC[@]}" "output_dir=${R}_sc5" --resume
+"$gsmtune" eval "${E[@]}" "${SC[@]}" generation.calculator=true "output_dir=${R}_sc5_calculator" --resume
+"$gsmtune" run cpu/grpo_best "model.name=$R/model" "baseline_run=$R" "output_dir=${R}_grpo" "${D[@]}" --resume
