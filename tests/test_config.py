@@ -112,7 +112,7 @@ def test_study_rows_are_committed_the_way_the_study_says(path):
     if path.stem.startswith(("full_", "lora_")):
         assert cfg.dataset.train_samples is None and cfg.training.num_train_epochs >= 1
         assert cfg.training.max_length >= LONGEST_TRAIN_ROW[cfg.dataset.config_name]
-    assert len(STUDY_ROWS) == 11  # four base rows, four trained rows, two more LoRA main seeds, GRPO from LoRA
+    assert len(STUDY_ROWS) == 12  # four base rows, four trained rows, two more LoRA main seeds, two GRPO rows
 
 
 def test_unparsable_override_is_one_line():
