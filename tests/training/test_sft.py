@@ -202,6 +202,8 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
     m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
     assert m["train_runtime_seconds"] >= 3600 + m["last_piece_runtime_seconds"] / 2  # the killed piece's hour counts
+    assert m["train_runtime_seconds"] < 3600 + 3 * m["last_piece_runtime_seconds"] + 5  # and counts once
+    assert m["train_loss_mean"] == pytest.approx(r["train_loss_mean"], rel=1e-3)  # over both pieces, not the last
     assert (m["allocator"] == r["allocator"] == KEPT) is GLIBC  # in the `gsmtune` process that trained
     assert m["heap_trims"] == 0  # the memory ceiling watched every step; a tiny model never reaches it
     resumed_steps = {p["step"]: p["loss"] for p in m["loss_curve"]}

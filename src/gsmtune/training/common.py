@@ -134,6 +134,7 @@ def trainer_args(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: tor
         "activation_checkpointing": checkpointing(t, device),  # transformers 5's name for gradient checkpointing
         "activation_checkpointing_kwargs": {"use_reentrant": False},  # reentrant checkpointing breaks with frozen (PEFT) inputs
         "save_strategy": "steps",
+        "restore_callback_states_from_checkpoint": True,  # early stopping's patience count survives a resume
         "report_to": [] if t.report_to == "none" else [t.report_to],
         "seed": cfg.seed,
         "data_seed": cfg.seed,
@@ -149,7 +150,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def latest_checkpoint(out: Path) -> str | None:
-    ckpts = sorted((out / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The newest complete checkpoint: the trainer writes trainer_state.json last, so a folder without it was cut off
+    mid-save (resuming from it would restart at step 0 with its partial weights and a fresh optimizer)."""
+    ckpts = sorted((p for p in (out / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+                   key=lambda p: int(p.name.split("-")[1]))
     return str(ckpts[-1]) if ckpts else None
 
 

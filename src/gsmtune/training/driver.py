@@ -27,6 +27,15 @@ from gsmtune.training.memory_ceiling import MemoryCeiling
 RECIPES = {"full": "sft", "lora": "sft", "qlora": "sft", "grpo": "grpo"}  # each module has build_trainer(...)
 
 
+def curve_mean(history: list[dict]) -> float | None:
+    """Mean training loss over the logged steps: each logged loss is the mean of the steps since the one before."""
+    done, total = 0, 0.0
+    for h in history:
+        if "loss" in h:
+            total, done = total + h["loss"] * (h["step"] - done), h["step"]
+    return total / done if done else None
+
+
 def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, save the model (adapter for LoRA) as safetensors in RUN/model, and write RUN/train_metrics.json."""
     from gsmtune.allocator import keep_freed_memory, release_freed_memory
@@ -91,7 +100,7 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         * args.world_size,
         "world_size": args.world_size,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": curve_mean(history),  # all pieces: the trainer's own mean covers the last one only
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         # frac_reward_zero_std: share of prompts whose completions all scored alike, which give GRPO no gradient

@@ -45,6 +45,9 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
         args = GRPOConfig(**trainer_args(cfg, out, optim, bf16, device) | {
             "num_generations": g.num_generations, "max_completion_length": g.max_completion_length, "beta": g.beta,
             "temperature": g.temperature, "reward_weights": [g.correct_weight, g.format_weight], "use_vllm": use_vllm,
+            "trust_remote_code": cfg.model.trust_remote_code,  # TRL loads the reference model (beta > 0) with it
+            # GRPO counts prompt + completion tokens itself; the trainer's count finds no input_ids and warns each step
+            "include_num_input_tokens_seen": "no",
         } | passthrough(cfg.training))  # TRL's own fields given as training.*, last: they win
         rollout = decode_loop_rollout(args) if device.type == "cpu" and g.rollout == "decode_loop" else None
         with warnings.catch_warnings():  # rollout_func is marked experimental in TRL: pinned by constraints.txt, tested
