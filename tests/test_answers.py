@@ -20,15 +20,23 @@ from gsmtune.answers import answers_match, extract_flexible, extract_gsm8k_answe
         ("#### 18 dollars", "18", "18"),
         ("####18", "18", "18"),
         ("#### 0", "0", "0"),
-        ("So 9 * 2 = 18.\n#### 18\n\nQuestion: next one costs 99 dollars", "18", "99"),
+        ("So 9 * 2 = 18.\n#### 18\n\nQuestion: next one costs 99 dollars", "18", "18"),  # a run-on problem is not read
         ("#### 18\n#### 25", "18", "25"),
         ("The answer is 42.", None, "42"),
         ("no numbers here", None, None),
         ("####\nthe answer is 5", None, "5"),
         ("She buys 3 packs, 1,234,567 total.\n#### 1,234,567", "1234567", "1234567"),
-        ("list 1,2,3", None, "3"),
-        ("#### 3,4", "3", "4"),
+        ("list 1,2,3", None, None),  # not a number as people write one
+        ("#### 3,4", None, None),
+        ("#### 1,2345", None, None),
+        ("#### 1/2", None, None),  # not the 1 of a fraction
+        ("#### 3.4.5", None, None),
         ("<<48/2=24>>24 clips\n#### 24", "24", "24"),
+        ("#### Step 1: the total\n5 * 4 = 20\n#### 20", "20", "20"),  # a heading is not the final answer
+        ("#### The answer is 18", None, "18"),  # the number must follow the mark (lm-eval's strict match)
+        ("#### \u22123", "-3", "-3"),  # the Unicode minus sign
+        ("So 7 is left (10 - 3).", None, "3"),  # a spaced minus is subtraction, not a sign
+        ("- 3 apples", None, "3"),
     ],
 )
 def test_extraction(completion, strict, flexible):

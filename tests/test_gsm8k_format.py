@@ -30,8 +30,9 @@ def test_inline_calculations():
 
 
 @pytest.mark.parametrize(("text", "line", "after"), [
-    ("so 72.\n#### 72\nQuestion: next", " 72", "Question: next"),
-    ("#### 5", " 5", ""),
+    ("so 72.\n#### 72\nQuestion: next", "72", "Question: next"),
+    ("#### 5", "5", ""),
+    ("#### Step 1\nx\n#### 5 apples\nmore", "5 apples", "more"),
     ("no final answer", None, ""),
 ])
 def test_answer_line(text, line, after):
@@ -41,6 +42,7 @@ def test_answer_line(text, line, after):
 def test_finished_answer_line_and_new_question():
     assert ANSWER_LINE.search("#### 72") is None and ANSWER_LINE.search("#### 72\n")
     assert ANSWER_LINE.search("#### \n") is None  # no number on the line
+    assert ANSWER_LINE.search("#### Step 1: add\n") is None  # a heading: the model has not answered yet
     assert NEW_QUESTION.search("done.\n\nQuestion: more").start() == len("done.")
 
 

@@ -7,7 +7,7 @@ def test_wilson_known_values():
     lo, hi = wilson_ci(81, 263)  # Wilson (1927) style worked example: 30.8% of 263
     assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
     assert wilson_ci(0, 250) == (0.0, pytest.approx(0.01516, abs=1e-4))
-    assert wilson_ci(10, 10)[1] == 1.0 and wilson_ci(0, 0) == (0.0, 0.0)
+    assert wilson_ci(10, 10)[1] == 1.0 and wilson_ci(0, 0) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize(

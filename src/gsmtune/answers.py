@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from decimal import Decimal, InvalidOperation
 
-from gsmtune.gsm8k_format import NUMBER, answer_line
+from gsmtune.gsm8k_format import NEW_QUESTION, NUMBER, answer_line
 
 
 def normalize_number(text: str) -> str | None:
@@ -23,15 +23,17 @@ def normalize_number(text: str) -> str | None:
 
 
 def extract_strict(completion: str) -> str | None:
-    """The number right after the first `####` on its line: text the model wrote after it cannot change it."""
+    """The number right after the first `####` that a number follows: text the model wrote after it cannot change it."""
     line = answer_line(completion)
-    return None if line is None else normalize_number(line)
+    m = None if line is None else NUMBER.match(line)
+    return None if m is None else normalize_number(m.group(0))
 
 
 def extract_flexible(completion: str) -> str | None:
-    """The last number anywhere in the completion (lm-evaluation-harness's flexible-extract)."""
+    """The last number of the completion (lm-evaluation-harness's flexible-extract), before any new `Question:` the
+    model ran on into (lm-eval's stop sequences cut there)."""
     last = None
-    for m in NUMBER.finditer(completion):
+    for m in NUMBER.finditer(NEW_QUESTION.split(completion, maxsplit=1)[0]):
         last = m
     return normalize_number(last.group(0)) if last else None
 

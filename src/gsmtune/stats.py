@@ -7,8 +7,8 @@ import math
 
 def wilson_ci(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval: unlike the normal approximation it stays inside [0, 1] at 0% or 100%."""
-    if total == 0:
-        return (0.0, 0.0)
+    if total == 0:  # no data: every accuracy is possible, not a certain 0%
+        return (0.0, 1.0)
     p = correct / total
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
