@@ -72,7 +72,7 @@ def calculations(text: str) -> list[Calculation]:
 
 
 def continues_past_answer(completion: str) -> bool:
-    """Text after the line holding the first '####' (only possible when the stop rules were off)."""
+    """Text after the final-answer line (only possible when the stop rules were off)."""
     return bool(after_answer_line(completion).strip())
 
 
