@@ -24,9 +24,8 @@ def normalize_number(text: str) -> str | None:
 
 def extract_strict(completion: str) -> str | None:
     """The number right after the first `####` that a number follows: text the model wrote after it cannot change it."""
-    line = answer_line(completion)
-    m = None if line is None else NUMBER.match(line)
-    return None if m is None else normalize_number(m.group(0))
+    line = answer_line(completion)  # starts with the number: the final-answer mark is one only when a number follows
+    return None if line is None else normalize_number(line)
 
 
 def extract_flexible(completion: str) -> str | None:

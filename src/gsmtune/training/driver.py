@@ -49,12 +49,13 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         release_freed_memory()  # what an earlier stage of this process freed
     train_problems, val_problems = train_validation_split(cfg)
     optim, bf16 = choose_runtime(cfg.training, device)
+    finished = not overwrite and (Path(cfg.output_dir) / TRAIN_METRICS).exists()  # written last: training finished
     if is_main_process():  # a finished training that a resume leaves alone keeps its config as it trained
-        out = prepare(cfg, resume, overwrite, finished=(Path(cfg.output_dir) / TRAIN_METRICS).exists())
+        out = prepare(cfg, resume, overwrite, finished)
     else:  # other ranks leave the run folder to rank 0; the trainer synchronises them
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / TRAIN_METRICS).exists():  # written last: training finished
+    if resume and finished:
         say(f"{out} already holds a trained model; nothing to resume")
         return out / MODEL
     if is_main_process():  # a resumed training records the process that finishes it
