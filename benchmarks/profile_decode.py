@@ -3,6 +3,7 @@
     python benchmarks/profile_decode.py --data ../shared/data/gsm8k --n 64 [--model RUN/model] [--dtype float32]
     python benchmarks/profile_decode.py --step-sweep   # one decode step's time at batch 1..64 vs the memory floor
     python benchmarks/profile_decode.py --data ... --model RUN/model --dtype float32 --screen both   # the screen's lever
+    python benchmarks/profile_decode.py ... --samples 5   # self-consistency's sampling (temperature 0.7, top-k 50)
 
 Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy, the '####' and
 'Question:' stops) with a clock around every model call. Generated tokens are counted as everywhere in gsmtune's
@@ -61,7 +62,7 @@ def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dic
     return rows
 
 
-def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int) -> dict:
+def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int, keys: list | None = None) -> dict:
     from gsmtune.generation import StopRules, stream
 
     forward = lm.model.forward
@@ -78,10 +79,11 @@ def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int) -> di
     before = (screen.proven, screen.recomputed) if screen is not None else (0, 0)
     lm.model.forward = timed
     start = time.perf_counter()
-    done = dict(stream(lm.model, lm.tokenizer, prompts, gen_cfg, StopRules(), batch_size=batch_size))
+    done = dict(stream(lm.model, lm.tokenizer, prompts, gen_cfg, StopRules(), batch_size=batch_size,
+                       sample_keys=keys))
     wall = time.perf_counter() - start
     lm.model.forward = forward
-    screen = getattr(head, "_gsmtune_screen", None)  # greedy_screen's counts of rows proven / recomputed in float32
+    screen = getattr(head, "_gsmtune_screen", None)  # output_screen's counts of rows proven / recomputed in float32
     screened = (screen.proven - before[0], screen.recomputed - before[1]) if screen is not None else (0, 0)
     decode = [(rows, s) for rows, width, s in calls if width == 1]
     buckets = defaultdict(list)
@@ -107,7 +109,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--screen", choices=("on", "off", "both"), default="on",
-                   help="greedy_screen (float32 on CPU); both: off then on, in one process, same completions checked")
+                   help="output_screen (float32 on CPU); both: off then on, in one process, same completions checked")
+    p.add_argument("--samples", type=int, default=0,
+                   help="k sampled completions per problem (temperature 0.7, top-k 50) instead of greedy")
     p.add_argument("--step-sweep", action="store_true", help="time one decode step per batch size instead")
     p.add_argument("--context", type=int, default=300, help="cached positions for --step-sweep")
     p.add_argument("--out", type=Path)
@@ -126,14 +130,17 @@ def main() -> None:
     if a.step_sweep:
         result = header | {"context": a.context, "steps": step_sweep(lm, a.context, [1, 2, 4, 8, 16, 32, 64])}
     else:
-        gen = load_config(None, [f"generation.max_new_tokens={a.max_new_tokens}"]).generation
+        sampling = [f"generation.do_sample={a.samples > 0}", "generation.temperature=0.7", "generation.top_k=50"]
+        gen = load_config(None, [f"generation.max_new_tokens={a.max_new_tokens}", *sampling]).generation
         with (a.data / "test.jsonl").open() as f:
             questions = [json.loads(next(f))["question"] for _ in range(a.n)]
         prompts = sorted((tokenize_prompt(f"Question: {q}\nAnswer:", lm.tokenizer) for q in questions), key=len)
-        result = header | {"n": a.n, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
+        k = max(a.samples, 1)
+        prompts, keys = [p for p in prompts for _ in range(k)], [f"{i}/{j}" for i in range(a.n) for j in range(k)]
+        result = header | {"n": a.n, "samples": a.samples, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
         for mode in ("off", "on") if a.screen == "both" else (a.screen,):
             os.environ["GSMTUNE_SCREEN"] = mode
-            result[f"screen_{mode}"] = profile_stream(lm, prompts, gen, a.batch_size)
+            result[f"screen_{mode}"] = profile_stream(lm, prompts, gen, a.batch_size, keys)
         if a.screen == "both":
             pairs = zip(result["screen_off"]["completions"], result["screen_on"]["completions"], strict=True)
             result["identical_completions"] = sum(x == y for x, y in pairs)

@@ -105,5 +105,5 @@ def test_self_consistency_samples_use_the_calculator(tiny_model_dir, tiny_tokeni
     cfg = load_config(None, ["generation.max_new_tokens=12", "generation.calculator=true", "generation.num_samples=2",
                              "generation.batch_size=2"])
     lm = SimpleNamespace(model=model, tokenizer=tok)
-    [samples] = sample_completions(lm, [[tok.bos_token_id, *ids(tok, "Question: x\nAnswer:")]], cfg, StopRules(), seed=0)
+    [samples] = sample_completions(lm, [[tok.bos_token_id, *ids(tok, "Question: x\nAnswer:")]], cfg, StopRules(), [0])
     assert all(s.text.startswith(" <<12*5=60>>") and (s.calculator_calls, s.calculator_changed) == (1, 1) for s in samples)

@@ -50,3 +50,17 @@ def test_older_runs_without_per_sample_calculator_fields_still_score():
            "calculator_changed": 0, "samples": [{"completion": " #### 1"}, {"completion": " #### 2"}]}
     m = _extra_metrics([row], cfg)
     assert m["calculator_calls"] == 1 and m["accuracy_maj_at_2"] == 1.0 and "sample_calculator_calls" not in m
+
+
+def test_self_consistency_samples_do_not_depend_on_the_batch(tiny_model_dir, gsm_dir, tmp_path):
+    """A committed self-consistency row can be re-checked at any batch size: each sample has its own random stream
+    (seed, problem, sample) and float32 logits."""
+    def samples(batch_size):
+        out = tmp_path / f"b{batch_size}"
+        assert main(["eval", "base", f"model.name={tiny_model_dir}", "dataset.source=local", f"dataset.path={gsm_dir}",
+                     "generation.max_new_tokens=6", f"generation.batch_size={batch_size}", "generation.num_samples=3",
+                     "generation.temperature=1.0", "model.dtype=fp32", f"output_dir={out}"]) == 0
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        return {r["index"]: [s["completion"] for s in r["samples"]] for r in rows}
+
+    assert samples(4) == samples(1)

@@ -84,7 +84,7 @@ def ask(cfg: DictConfig, questions: Iterable[str], out: TextIO | None = None) ->
     rules = StopRules(cfg.generation.stop_at_answer, cfg.generation.stop_at_new_question)
     greedy_cfg = OmegaConf.merge(cfg.generation, {"do_sample": False})
     answers = []
-    for question in questions:
+    for number, question in enumerate(questions):
         ids = tokenize_prompt(build_prompt(question, cfg, shots, lm.tokenizer), lm.tokenizer)
         shown = LineStream(out)
         [(_, completion)] = list(stream(lm.model, lm.tokenizer, [ids], greedy_cfg, rules, on_text=shown))
@@ -93,7 +93,7 @@ def ask(cfg: DictConfig, questions: Iterable[str], out: TextIO | None = None) ->
         note = "" if answer is not None else " (no '####' line: the last number written)"
         answer = answer if answer is not None else extract_flexible(completion.text)
         if cfg.generation.num_samples > 1:
-            [samples] = sample_completions(lm, [ids], cfg, rules, seed=cfg.seed)
+            [samples] = sample_completions(lm, [ids], cfg, rules, [number])
             votes = [extract_strict(s.text) for s in samples]
             answer, note = majority_vote(votes), f" (majority of {len(votes)} samples: {', '.join(map(str, votes))})"
         out.write(f"answer: {answer}{note}\n")

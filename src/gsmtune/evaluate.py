@@ -199,17 +199,20 @@ def completions(lm, problems: list[Problem], ids: dict[int, list[int]], cfg: Dic
         batch = problems[b: b + bs]
         batch_ids = [ids[p.index] for p in batch]
         greedy = generate(lm.model, lm.tokenizer, batch_ids, greedy_cfg, rules)
-        yield from zip(batch, greedy, sample_completions(lm, batch_ids, cfg, rules, seed=cfg.seed + b), strict=True)
+        yield from zip(batch, greedy, sample_completions(lm, batch_ids, cfg, rules, [p.index for p in batch]), strict=True)
 
 
-def sample_completions(lm, batch_ids: list[list[int]], cfg: DictConfig, rules, seed: int) -> list[list]:
-    """k sampled completions per prompt (self-consistency), continuously batched `generation.batch_size` rows at a time."""
+def sample_completions(lm, batch_ids: list[list[int]], cfg: DictConfig, rules, keys: list[int]) -> list[list]:
+    """k sampled completions per prompt (self-consistency), continuously batched `generation.batch_size` rows at a time.
+    Sample j of the prompt keyed i (its problem's index) draws from its own random stream (seed, i, j): the same
+    whatever batch or resume it is in."""
     from gsmtune.generation import stream
 
     k = cfg.generation.num_samples
     sample_cfg = OmegaConf.merge(cfg.generation, {"do_sample": True})
     rows = [ids for ids in batch_ids for _ in range(k)]
-    done = dict(stream(lm.model, lm.tokenizer, rows, sample_cfg, rules, seed=seed, batch_size=cfg.generation.batch_size))
+    done = dict(stream(lm.model, lm.tokenizer, rows, sample_cfg, rules, seed=cfg.seed, batch_size=cfg.generation.batch_size,
+                       sample_keys=[f"{key}/{j}" for key in keys for j in range(k)]))
     return [[done[i * k + j] for j in range(k)] for i in range(len(batch_ids))]
 
 

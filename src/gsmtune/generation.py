@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import random
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,9 +17,9 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
-from gsmtune.greedy_screen import screened_output_layer
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import join, new_cache, supports_joining, trim
+from gsmtune.output_screen import screened_output_layer
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,14 @@ def _sampler(gen_cfg):
     return LogitsProcessorList(warpers)
 
 
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse CDF, from one uniform in (0, 1] per row. Each row's token depends on its own
+    uniform only; torch.multinomial draws every row from one generator, so a row's sample changed with the batch."""
+    cdf = probs.cumsum(-1)
+    target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
 def _prefill(model, prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """Run left-padded prompts through the model: next-token logits, their cache and attention mask.
 
@@ -132,29 +140,34 @@ def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0,
-           batch_size: int | None = None, on_text: Callable[[int, str], None] | None = None
-           ) -> Iterator[tuple[int, Completion]]:
+           batch_size: int | None = None, on_text: Callable[[int, str], None] | None = None,
+           sample_keys: list | None = None) -> Iterator[tuple[int, Completion]]:
     """Yield (prompt index, completion) as rows finish, each cut at its first stop rule; `on_text(row, text)` sees
     each row's text as it grows (before the cut).
+
+    Sampling gives each row its own random stream, seeded by `seed` and the row's key (`sample_keys`, default its
+    index): with float32 logits a row's sample is then the same at any batch size and after a resume.
 
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
     done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
     waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
-    Greedy float32 decoding on CPU screens the output layer in bf16 (`greedy_screen`: the same tokens, proven).
+    Float32 decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens, proven).
     """
     sampler = _sampler(gen_cfg)
-    with screened_output_layer(model) if sampler is None else contextlib.nullcontext():
-        yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, seed, batch_size, on_text)
+    keys = sample_keys if sample_keys is not None else range(len(prompts))
+    streams = [random.Random(f"{seed}/{key}") for key in keys] if sampler is not None else None
+    with screened_output_layer(model, None if sampler is None else gen_cfg.top_k):
+        yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, streams, batch_size, on_text)
 
 
 @torch.inference_mode()
-def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, sampler, seed: int,
-            batch_size: int | None, on_text: Callable[[int, str], None] | None) -> Iterator[tuple[int, Completion]]:
+def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules, sampler,
+            streams: list[random.Random] | None, batch_size: int | None,
+            on_text: Callable[[int, str], None] | None) -> Iterator[tuple[int, Completion]]:
     batch_size = batch_size or len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     eos_ids = set(stop_token_ids(tokenizer, model))
-    generator = torch.Generator(device).manual_seed(seed) if sampler is not None else None
     calculator = Calculator(tokenizer, len(prompts)) if gen_cfg.calculator else None
     joinable = supports_joining(new_cache(model.config))  # a property of the model: decided once
     waiting = deque(range(len(prompts)))
@@ -179,7 +192,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             chosen = logits.max(-1).indices  # argmax's answer (the first maximum); 2.6x faster on bf16 CPU logits
         else:
             probs = torch.softmax(sampler(None, logits.float()), dim=-1)
-            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            chosen = draw(probs, torch.tensor([1.0 - streams[row].random() for row in rows], dtype=torch.float64))
         keep, next_tokens = [], []
         for pos, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
             text = texts[row]

@@ -4,9 +4,9 @@ from conftest import sliding_model
 from omegaconf import OmegaConf
 from torch import nn
 
-from gsmtune import greedy_screen
-from gsmtune.generation import StopRules, generate
-from gsmtune.greedy_screen import Screen, screened_output_layer
+from gsmtune import output_screen
+from gsmtune.generation import StopRules, draw, generate, stream
+from gsmtune.output_screen import Screen, rowwise, screened_output_layer
 
 
 def _float32_choice(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def test_screen_picks_the_float32_argmax_and_proves_clear_winners():
 def test_rows_the_bounds_cannot_prove_get_the_full_float32_product(monkeypatch):
     """Near ties below bf16's resolution: with one candidate the screen's pick is often the wrong token, so only the
     bounds stand between it and a changed completion; an exact tie must go to the first token, as argmax's does."""
-    monkeypatch.setattr(greedy_screen, "CANDIDATES", 1)
+    monkeypatch.setattr(output_screen, "CANDIDATES", 1)
     torch.manual_seed(1)
     weight, x = torch.randn(2000, 64) / 8, torch.randn(100, 64) * 40
     leader = _float32_choice(x, weight)
@@ -78,3 +78,56 @@ def test_two_streams_on_one_model_leave_it_as_it_was(tiny_tokenizer):
     with screened_output_layer(model), screened_output_layer(model):
         assert "forward" in head.__dict__
     assert "forward" not in head.__dict__
+
+
+def test_rowwise_logits_do_not_depend_on_the_batch():
+    torch.manual_seed(2)
+    weight, x = torch.randn(20000, 64) / 8, torch.randn(32, 64) * 40  # more rows than one chunk
+    alone = torch.cat([rowwise(x[i:i + 1], weight) for i in range(32)])
+    assert torch.equal(rowwise(x, weight), alone)
+    picked = torch.randint(0, 20000, (32, 50))
+    assert torch.equal(rowwise(x, weight[picked]), alone.gather(1, picked))  # candidates: the same bits
+
+
+@pytest.mark.parametrize("candidates", [32, 1])
+def test_top_k_screen_gives_the_rowwise_top_k_exactly(monkeypatch, candidates):
+    """Sampling sees the k best logits (values, not only the winner): they must be the row-wise float32 ones, and every
+    other token must fall below the k-th, whether the bounds proved it or the row was recomputed."""
+    monkeypatch.setattr(output_screen, "CANDIDATES", candidates)
+    torch.manual_seed(3)
+    weight, x = torch.randn(5000, 64) / 8, torch.randn(200, 64) * 40
+    weight = torch.cat([weight, weight[:1] + 1e-4 * torch.randn(100, 64)])  # 101 near-equal tokens
+    x[:20] = weight[0] * 100 + torch.randn(20, 64)  # rows where they lead: the k-th has rivals within bf16's error
+    k = 10
+    screen = Screen(weight)
+    screened = screen.logits(x, top_k=k)
+    full = rowwise(x, weight)
+    top = full.topk(k, dim=-1)
+    assert torch.equal(screened.gather(1, top.indices), top.values)
+    assert (screened.topk(k + 1, dim=-1).values[:, -1] < top.values[:, -1]).all()
+    assert screen.proven > 100 and screen.recomputed >= 20
+
+
+def test_sampled_completions_do_not_depend_on_the_batch(tiny_tokenizer):
+    """Each row samples from its own stream (seed, key) on row-wise float32 logits: batch 1 and batch 6 agree."""
+    model = sliding_model(tiny_tokenizer, seed=4)
+    prompts = [tiny_tokenizer.encode(t) for t in ("Question: 2 + 2 =", "Question: how many apples", "Answer:")] * 2
+    gen = OmegaConf.create({"max_new_tokens": 16, "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                            "calculator": False})
+    keys = list(range(6))
+
+    def run(batch_size, order):
+        rows = dict(stream(model, tiny_tokenizer, [prompts[i] for i in order], gen, StopRules(False, False), seed=7,
+                           batch_size=batch_size, sample_keys=[keys[i] for i in order]))
+        return {order[i]: c.token_ids for i, c in rows.items()}
+
+    together = run(6, list(range(6)))
+    assert together == run(1, [5, 4, 3, 2, 1, 0]) == run(4, [2, 0, 1, 5, 3, 4])
+    assert together[0] != together[3]  # the same prompt, two keys: two samples
+    screen = model.get_output_embeddings()._gsmtune_screen
+    assert screen.proven + screen.recomputed >= 3 * 6 * 15  # every decode step of the three runs went through it
+
+
+def test_draw_takes_the_row_uniform_through_the_cdf_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 4)
+    assert draw(probs, torch.tensor([0.25, 0.75, 1.0, 1e-12], dtype=torch.float64)).tolist() == [1, 3, 3, 1]
