@@ -89,11 +89,11 @@ def test_rowwise_logits_do_not_depend_on_the_batch():
     assert torch.equal(rowwise(x, weight[picked]), alone.gather(1, picked))  # candidates: the same bits
 
 
-@pytest.mark.parametrize("candidates", [32, 1])
+@pytest.mark.parametrize("candidates", [1024, 20])
 def test_top_k_screen_gives_the_rowwise_top_k_exactly(monkeypatch, candidates):
     """Sampling sees the k best logits (values, not only the winner): they must be the row-wise float32 ones, and every
     other token must fall below the k-th, whether the bounds proved it or the row was recomputed."""
-    monkeypatch.setattr(output_screen, "CANDIDATES", candidates)
+    monkeypatch.setattr(output_screen, "SAMPLE_CANDIDATES", candidates)
     torch.manual_seed(3)
     weight, x = torch.randn(5000, 64) / 8, torch.randn(200, 64) * 40
     weight = torch.cat([weight, weight[:1] + 1e-4 * torch.randn(100, 64)])  # 101 near-equal tokens
@@ -105,7 +105,10 @@ def test_top_k_screen_gives_the_rowwise_top_k_exactly(monkeypatch, candidates):
     top = full.topk(k, dim=-1)
     assert torch.equal(screened.gather(1, top.indices), top.values)
     assert (screened.topk(k + 1, dim=-1).values[:, -1] < top.values[:, -1]).all()
-    assert screen.proven > 100 and screen.recomputed >= 20
+    if candidates == 20:  # too few to hold 101 near-equal rivals (or, often, an ordinary row's k-th's rivals)
+        assert screen.recomputed >= 20 and screen.proven > 50
+    else:
+        assert screen.proven >= 180  # the screen does the work on ordinary rows
 
 
 def test_sampled_completions_do_not_depend_on_the_batch(tiny_tokenizer):

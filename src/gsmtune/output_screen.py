@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 CANDIDATES = 32  # on the LoRA main adapter, 32 bf16 candidates proved the token at all 982 positions tried
+SAMPLE_CANDIDATES = 1024  # top-50 sampling, T 0.7, LoRA main adapter: 1024 proved 119 of 119 positions tried, 100 only 8%
 CHUNK = 8192  # output rows per row-wise pass over the whole vocabulary (an 8192 x n float32 temporary per row)
 U_BF16, U_FP32 = 2.0**-8, 2.0**-24
 
@@ -52,7 +53,7 @@ class Screen:
         x = hidden.reshape(-1, hidden.shape[-1])
         weight = self.weight.detach()
         screened = x.to(torch.bfloat16) @ self.weight16.T
-        wanted = CANDIDATES if top_k is None else max(CANDIDATES, 2 * top_k)
+        wanted = CANDIDATES if top_k is None else max(SAMPLE_CANDIDATES, 2 * top_k)
         top = screened.topk(min(wanted, screened.shape[-1]), dim=-1)
         exact = rowwise(x, weight[top.indices])
         norm = x.norm(dim=-1) * self.max_norm
