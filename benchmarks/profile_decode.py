@@ -5,9 +5,10 @@
     python benchmarks/profile_decode.py --data ... --model RUN/model --dtype float32 --screen both   # the screen's lever
     python benchmarks/profile_decode.py ... --samples 5   # self-consistency's sampling (temperature 0.7, top-k 50)
 
-Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy, the '####' and
-'Question:' stops) with a clock around every model call. Generated tokens are counted as everywhere in gsmtune's
-benchmarks: the tokens of each kept completion (cut at its stop rule, EOS excluded).
+Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy or, with
+--samples, self-consistency's sampling; the '####' and 'Question:' stops) with a clock around every model call.
+Generated tokens are counted as everywhere in gsmtune's benchmarks: the tokens of each kept completion (cut at its
+stop rule, EOS excluded).
 """
 
 from __future__ import annotations

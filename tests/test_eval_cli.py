@@ -37,7 +37,11 @@ def test_eval_writes_run_folder(run_args, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_resume_after_interruption_loses_nothing(run_args, tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["generation.do_sample=true"], ["generation.num_samples=3"]],
+                         ids=["greedy", "sampled", "self_consistency"])
+def test_resume_after_interruption_loses_nothing(run_args, tmp_path, sampling):
+    """A resumed run writes what an uninterrupted one would have: sampled rows too (each problem's own streams)."""
+    run_args = run_args + sampling
     assert main(run_args) == 0
     pred = tmp_path / "run" / PREDICTIONS
     full = read_rows(pred)
@@ -46,8 +50,10 @@ def test_resume_after_interruption_loses_nothing(run_args, tmp_path):
     assert main(run_args + ["--resume", "generation.batch_size=2"]) == 0  # batch size may change on resume
     resumed = read_rows(pred)
     assert sorted(r["index"] for r in resumed) == list(range(6))
-    by_index = {r["index"]: r["completion"] for r in resumed}
-    assert by_index == {r["index"]: r["completion"] for r in full}
+    def texts(rows):
+        return {r["index"]: [r["completion"], *(x["completion"] for x in r.get("samples", []))] for r in rows}
+
+    assert texts(resumed) == texts(full)
     run = tmp_path / "run"
     kept = {f: (run / f).read_text() for f in ("metrics.json", "provenance.json", "config.yaml")}
     assert main(run_args + ["--resume", "generation.batch_size=3"]) == 0  # finished: nothing to do, nothing rewritten

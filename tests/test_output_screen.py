@@ -111,11 +111,14 @@ def test_top_k_screen_gives_the_rowwise_top_k_exactly(monkeypatch, candidates):
         assert screen.proven >= 180  # the screen does the work on ordinary rows
 
 
-def test_sampled_completions_do_not_depend_on_the_batch(tiny_tokenizer):
-    """Each row samples from its own stream (seed, key) on row-wise float32 logits: batch 1 and batch 6 agree."""
+@pytest.mark.parametrize("candidates", [1024, 20])
+def test_sampled_completions_do_not_depend_on_the_batch(tiny_tokenizer, monkeypatch, candidates):
+    """Each row samples from its own stream (seed, key) on row-wise float32 logits: batch 1 and batch 6 agree, with
+    every token a candidate (1024 > this vocabulary) and with 20, where the bounds decide row by row."""
+    monkeypatch.setattr(output_screen, "SAMPLE_CANDIDATES", candidates)
     model = sliding_model(tiny_tokenizer, seed=4)
     prompts = [tiny_tokenizer.encode(t) for t in ("Question: 2 + 2 =", "Question: how many apples", "Answer:")] * 2
-    gen = OmegaConf.create({"max_new_tokens": 16, "do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    gen = OmegaConf.create({"max_new_tokens": 16, "do_sample": True, "temperature": 1.0, "top_k": 10, "top_p": 1.0,
                             "calculator": False})
     keys = list(range(6))
 
@@ -129,6 +132,8 @@ def test_sampled_completions_do_not_depend_on_the_batch(tiny_tokenizer):
     assert together[0] != together[3]  # the same prompt, two keys: two samples
     screen = model.get_output_embeddings()._gsmtune_screen
     assert screen.proven + screen.recomputed >= 3 * 6 * 15  # every decode step of the three runs went through it
+    if candidates == 20:
+        assert screen.proven > 0 and screen.recomputed > 0
 
 
 def test_draw_takes_the_row_uniform_through_the_cdf_and_never_a_zero_probability_token():

@@ -190,8 +190,9 @@ def completions(lm, problems: list[Problem], ids: dict[int, list[int]], cfg: Dic
     rules = StopRules(cfg.generation.stop_at_answer, cfg.generation.stop_at_new_question)
     bs = cfg.generation.batch_size
     if cfg.generation.num_samples <= 1:
-        rows = [ids[p.index] for p in problems]
-        for i, completion in stream(lm.model, lm.tokenizer, rows, cfg.generation, rules, seed=cfg.seed, batch_size=bs):
+        rows, keys = [ids[p.index] for p in problems], [f"{p.index}/0" for p in problems]  # sampled: as SC's first
+        for i, completion in stream(lm.model, lm.tokenizer, rows, cfg.generation, rules, seed=cfg.seed, batch_size=bs,
+                                    sample_keys=keys):
             yield problems[i], completion, []
         return
     greedy_cfg = OmegaConf.merge(cfg.generation, {"do_sample": False})

@@ -7,8 +7,10 @@ are scored again in float32, one row at a time (`rowwise`: the same sums whateve
 - Greedy: the row's token comes from the candidates only when rounding-error bounds prove it is the token the full
   float32 product's argmax picks, in whatever order that product sums; other rows get the full float32 product.
 - Top-k sampling: the row's k best tokens and their logits come from the candidates only when the bounds prove no
-  other token's row-wise float32 logit reaches the k-th; other rows get every logit row-wise. So the sampling
-  distribution is that of row-wise float32 logits, proven, and does not depend on the batch.
+  other token's row-wise float32 logit reaches the k-th; other rows get every logit row-wise. So, given the row's
+  hidden state, the sampling distribution is that of row-wise float32 logits, proven, whatever else is in the batch
+  (the hidden state itself comes from the model's matrix products, whose last bits can move with the batch: as for
+  greedy float32, that it does not change a token is measured, not proven).
 No library offers this (it needs greedy choice or a top-k cut), hence by hand.
 
 The bounds (standard forward error analysis, unit roundoff u = 2^-8 for bf16, 2^-24 for float32; n = x's length,
@@ -60,7 +62,7 @@ class Screen:
         floor = top.values[:, -1].float()
         beyond = floor + 2 * U_BF16 * floor.abs() + 4 * U_BF16 * norm  # every other token's exact logit is below
         slack = 2 * x.shape[-1] * U_FP32 * norm  # float32's own rounding, in any summation order
-        if top.indices.shape[-1] == screened.shape[-1]:  # every token is a candidate: nothing left to bound
+        if top_k is not None and top.indices.shape[-1] == screened.shape[-1]:  # all are candidates: nothing to bound
             proven = torch.ones_like(floor, dtype=torch.bool)
         elif top_k is not None:  # no other token's row-wise logit can reach the k-th
             proven = exact.topk(top_k, dim=-1).values[:, -1] > beyond + slack
