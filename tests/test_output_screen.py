@@ -139,3 +139,21 @@ def test_sampled_completions_do_not_depend_on_the_batch(tiny_tokenizer, monkeypa
 def test_draw_takes_the_row_uniform_through_the_cdf_and_never_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 4)
     assert draw(probs, torch.tensor([0.25, 0.75, 1.0, 1e-12], dtype=torch.float64)).tolist() == [1, 3, 3, 1]
+
+
+def test_top_k_sampling_on_the_k_best_gives_the_warpers_distribution():
+    """Sampling from each row's k best logits is the full-vocabulary warpers' distribution: same token per uniform
+    as drawing from HF's warped probabilities in descending order."""
+    from gsmtune.generation import _sampler, sample
+
+    torch.manual_seed(5)
+    logits = torch.randn(4, 1000) * 3
+    gen = OmegaConf.create({"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9})
+    warpers = _sampler(gen)
+    full = torch.softmax(warpers(None, logits.clone()), dim=-1)
+    ordered, order = full.sort(dim=-1, descending=True)
+    for u in (0.05, 0.3, 0.6, 0.95, 1.0):
+        uniforms = torch.full((4,), u, dtype=torch.float64)
+        expected = order.gather(1, draw(ordered, uniforms)[:, None]).squeeze(1)
+        assert torch.equal(sample(logits, warpers, 20, uniforms), expected)
+    assert (full > 0).sum(-1).lt(20).any()  # top-p cut some rows below k: both warpers are covered
