@@ -118,8 +118,8 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, warpers: LogitsProcessorList, top_k: int, uniforms: torch.Tensor) -> torch.Tensor:
     """One sampled token per row. With top-k the warpers, softmax and draw see each row's k best logits only: the
-    distribution of HF's warpers over the whole vocabulary (bar ties at the k-th, which topk breaks), without the
-    full-vocabulary softmax and CDF that cost more than a model step on CPU."""
+    distribution of HF's warpers over the whole vocabulary (bar ties at the k-th, which topk breaks), without a
+    softmax and CDF over 262k tokens at every step (host time ~15 -> 3 ms a step, BENCHMARKS.md)."""
     scores = logits.float()
     if top_k:
         scores, index = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
