@@ -44,13 +44,15 @@ def weight_bytes(model) -> int:
 
 
 def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dict]:
-    """Median time of one decode step at each batch size, `context` positions already cached."""
+    """Median time of one decode step at each batch size, `context` positions already cached (greedy: the output
+    layer screened as the decode loop screens it)."""
     from gsmtune.generation import _prefill
+    from gsmtune.output_screen import screened_output_layer
 
     rows = []
     for b in sizes:
         prompts = [[lm.tokenizer.bos_token_id] + [1000 + i] * (context - 1) for i in range(b)]
-        with torch.inference_mode():
+        with torch.inference_mode(), screened_output_layer(lm.model):
             _, cache, mask = _prefill(lm.model, prompts, lm.tokenizer.pad_token_id, lm.device)
             times = []
             for _ in range(repeats):
@@ -59,7 +61,7 @@ def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dic
                 lm.model(input_ids=torch.full((b, 1), 1000), attention_mask=mask,
                          position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
                 times.append(time.perf_counter() - start)
-        rows.append({"batch": b, "ms": 1e3 * statistics.median(times)})
+        rows.append({"batch": b, "ms": 1e3 * statistics.median(times), "tokens_per_s": b / statistics.median(times)})
     return rows
 
 
@@ -129,7 +131,7 @@ def main() -> None:
     header = {"model": a.model, "dtype": a.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "weights_gb": weight_bytes(lm.model) / 1e9, "memory_floor_ms_per_step": floor_ms}
     if a.step_sweep:
-        result = header | {"context": a.context, "steps": step_sweep(lm, a.context, [1, 2, 4, 8, 16, 32, 64])}
+        result = header | {"context": a.context, "steps": step_sweep(lm, a.context, [1, 2, 4, 8, 16, 32, 48, 64, 96])}
     else:
         sampling = [f"generation.do_sample={a.samples > 0}", "generation.temperature=0.7", "generation.top_k=50"]
         gen = load_config(None, [f"generation.max_new_tokens={a.max_new_tokens}", *sampling]).generation
