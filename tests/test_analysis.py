@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from conftest import row, write_run
 
@@ -86,3 +88,19 @@ def test_contamination_reads_the_question_hashes_in_the_run_folder(tmp_path):
     assert contamination(run) is None  # no training data recorded: not trained by gsmtune
     write_training_data(run.path, ["q3 ", "Tom has 5 apples"])
     assert contamination(load_run(run.path)) == ([0], [1])
+
+
+def test_a_reference_number_stands_beside_test_runs_only(tmp_path):
+    """The reference study's number is a test-set score: a sweep trial scored on validation gets none beside it."""
+    from gsmtune.analysis import summary_rows
+
+    config = "reference:\n  accuracy: 0.31\n  source: gemma-2b-it\n"
+    runs = []
+    for split in ("test", "validation"):
+        run = write_run(tmp_path / split, [row(" #### 24")], config=config)
+        metrics = json.loads((run.path / "metrics.json").read_text()) | {"dataset": f"local:openai/gsm8k/main/{split}"}
+        (run.path / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(load_run(run.path))
+    test, validation = summary_rows(runs)
+    assert (test["reference_em"], validation["reference_em"]) == (0.31, None)
+    assert runs[1].dataset == "? (?, validation)" and runs[0].split == "test"

@@ -168,7 +168,7 @@ def summary_rows(runs: list[Run]) -> list[dict]:
     for r in runs:
         correct, total = r.metrics["correct"], r.metrics["total"]
         lo, hi = wilson_ci(correct, total)
-        ref = r.config.get("reference") or {}
+        ref = (r.config.get("reference") or {}) if r.split == "test" else {}  # a test-set number: not beside validation
         rows.append({"run": r.name, "dataset": r.dataset, "method": r.method, "em": correct / total if total else 0.0,
                      "ci_low": lo, "ci_high": hi, "n": total, "flexible": r.metrics.get("accuracy_flexible"),
                      "reference_em": ref.get("accuracy"), "reference_source": ref.get("source") or None})

@@ -209,11 +209,15 @@ class Run:
         return text + (f" [{dtype}]" if dtype else "")
 
     @property
+    def split(self) -> str:
+        """The split scored: test, or validation for a sweep's trials (older runs did not record it: test)."""
+        return str(self.metrics.get("dataset", "")).rsplit("/", 1)[-1] or "test"
+
+    @property
     def dataset(self) -> str:
-        """Variant, source, and the split scored where it is not test (a sweep's trials score validation)."""
+        """Variant, source, and the split scored where it is not test."""
         d = self.config.get("dataset", {})
-        split = str(self.metrics.get("dataset", "")).rsplit("/", 1)[-1]
-        return f"{d.get('config_name', '?')} ({d.get('source', '?')}{'' if split in ('', 'test') else ', ' + split})"
+        return f"{d.get('config_name', '?')} ({d.get('source', '?')}{'' if self.split == 'test' else ', ' + self.split})"
 
 
 def _upgrade(run: Run) -> Run:
