@@ -104,3 +104,14 @@ def test_a_reference_number_stands_beside_test_runs_only(tmp_path):
     test, validation = summary_rows(runs)
     assert (test["reference_em"], validation["reference_em"]) == (0.31, None)
     assert runs[1].dataset == "? (?, validation)" and runs[0].split == "test"
+
+
+def test_a_sweep_trial_is_named_by_the_values_it_tried(tmp_path):
+    """Trial folders are hashes: tables say which learning rate (or other searched key) each one ran."""
+    config = ("training:\n  learning_rate: 3.0e-05\nsweep:\n  space:\n  - key: training.learning_rate\n"
+              "    choices: [1.0e-05, 3.0e-05]\n")
+    trial = write_run(tmp_path / "sweep" / "trial-904deb450e", [row(" #### 24")], config=config)
+    plain = write_run(tmp_path / "lr", [row(" #### 24")], config=config)  # a sweep's config, not a trial
+    (trial.path / "train_metrics.json").write_text(json.dumps({"method": "full"}))
+    assert load_run(trial.path).method == "full SFT, learning_rate 3e-05"
+    assert "learning_rate" not in plain.method

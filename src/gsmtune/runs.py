@@ -205,8 +205,22 @@ class Run:
             prompt = p.get("strategy", "?").replace("_", "-") + (" + instruction" if p.get("instruction") else "")
             text = f"{text}, {prompt}" if text else prompt
         text += " + calculator" if self.config.get("generation", {}).get("calculator") else ""
+        text += "".join(f", {k.rsplit('.', 1)[-1]} {v}" for k, v in self.swept.items())
         dtype = self.provenance.get("eval", {}).get("dtype")
         return text + (f" [{dtype}]" if dtype else "")
+
+    @property
+    def swept(self) -> dict:
+        """A sweep trial's values of the keys its sweep searched (its folder name is a hash of them)."""
+        if not self.path.name.startswith("trial-"):
+            return {}
+        values = {}
+        for dim in (self.config.get("sweep") or {}).get("space") or []:
+            node = self.config
+            for part in dim["key"].split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values[dim["key"]] = node
+        return values
 
     @property
     def split(self) -> str:
