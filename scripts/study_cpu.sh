@@ -14,9 +14,21 @@ cd "$(dirname "$0")/.."
 gsmtune=${GSMTUNE:-.venv/bin/gsmtune}
 python=$(dirname "$gsmtune")/python
 D=(dataset.source=local "dataset.path=$data")
+# Unattended for a day: a step that fails (a killed process, memory) is tried again from its checkpoint or predictions
+# file, up to three times; a row that still fails is skipped, so the rows that do not need it go on, and named at the end.
+failed=()
+step() {
+    local try
+    for try in 1 2 3; do
+        "$@" && return 0
+        echo "study: try $try of 3 failed: $*" >&2
+        sleep 60
+    done
+    failed+=("$*")
+}
 
-"$gsmtune" run cpu/lora_main "${D[@]}" --resume
-"$gsmtune" sweep cpu/full_main_lr_grid --trials 3 "${D[@]}"
+step "$gsmtune" run cpu/lora_main "${D[@]}" --resume
+step "$gsmtune" sweep cpu/full_main_lr_grid --trials 3 "${D[@]}"
 chosen=$("$python" -c "from gsmtune.config import load_config as c
 print(c('results/cpu/sweeps/full_main_lr/best.yaml').training.learning_rate == c('src/gsmtune/configs/cpu/full_main.yaml').training.learning_rate)")
 if [ "$chosen" != True ]; then
@@ -25,21 +37,30 @@ if [ "$chosen" != True ]; then
     exit 3
 fi
 for row in full_main lora_socratic full_socratic lora_main_seed43 lora_main_seed44; do
-    "$gsmtune" run "cpu/$row" "${D[@]}" --resume
+    step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
 for row in one_shot_instruction zero_shot zero_shot_instruction one_shot; do
-    "$gsmtune" eval "cpu/$row" "${D[@]}" --resume
+    step "$gsmtune" eval "cpu/$row" "${D[@]}" --resume
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'study: failed after three tries, rerun to resume: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
 best=$("$python" -c "import json
 rows = ['full_main', 'full_socratic', 'lora_main', 'lora_socratic']
 acc = {r: json.load(open(f'results/cpu/{r}/metrics.json'))['accuracy'] for r in rows}
 print(max(rows, key=acc.get))")
 R=results/cpu/$best
-E=("$R/config.yaml" "model.name=$R/model" "${D[@]}" "baseline_run=$R")
+# the reference study has no number for these rows: the best row's saved config would carry its own
+E=("$R/config.yaml" "model.name=$R/model" "${D[@]}" "baseline_run=$R" reference.accuracy=null)
 # self-consistency: 5 samples at temperature 0.7 (top-k 50), beside each problem's greedy completion, as RESULTS.md's
 # earlier 96-problem rows
 SC=(generation.num_samples=5 generation.temperature=0.7)
-"$gsmtune" eval "${E[@]}" generation.calculator=true "output_dir=${R}_calculator" --resume
-"$gsmtune" eval "${E[@]}" "${SC[@]}" "output_dir=${R}_sc5" --resume
-"$gsmtune" eval "${E[@]}" "${SC[@]}" generation.calculator=true "output_dir=${R}_sc5_calculator" --resume
-"$gsmtune" run cpu/grpo_best "model.name=$R/model" "baseline_run=$R" "output_dir=${R}_grpo" "${D[@]}" --resume
+step "$gsmtune" eval "${E[@]}" generation.calculator=true "output_dir=${R}_calculator" --resume
+step "$gsmtune" eval "${E[@]}" "${SC[@]}" "output_dir=${R}_sc5" --resume
+step "$gsmtune" eval "${E[@]}" "${SC[@]}" generation.calculator=true "output_dir=${R}_sc5_calculator" --resume
+step "$gsmtune" run cpu/grpo_best "model.name=$R/model" "baseline_run=$R" "output_dir=${R}_grpo" "${D[@]}" --resume
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'study: failed after three tries, rerun to resume: %s\n' "${failed[@]}" >&2
+    exit 1
+fi

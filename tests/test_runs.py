@@ -1,4 +1,5 @@
 import json
+import subprocess
 
 import pytest
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from gsmtune.runs import (
     prepare,
     question_hash,
     read_predictions,
+    write_atomic,
     write_provenance,
     write_training_data,
 )
@@ -106,3 +108,37 @@ def test_training_data_includes_the_training_its_model_started_from(tmp_path):
     write_training_data(grpo, ["a third one"], str(sft / "model"))
     data = json.loads((grpo / TRAINING_DATA).read_text())
     assert data["questions"] == 3 and len(data["exact"]) == 3 and data["includes"] == str(sft)
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_atomic(path, "old")
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gsmtune.runs.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_dirty_means_changed_code_not_changed_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "src" / "code.py").write_text("a = 1\n")
+    (tmp_path / "results" / "metrics.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    clean = git_commit(tmp_path / "src")
+    assert clean is not None and len(clean) == 40
+    (tmp_path / "results" / "metrics.json").write_text('{"accuracy": 0.5}\n')  # a study writing its results
+    assert git_commit(tmp_path / "src") == clean
+    (tmp_path / "src" / "code.py").write_text("a = 2\n")
+    assert git_commit(tmp_path / "src") == clean + "+dirty"

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from gsmtune.answers import answers_match, extract_flexible, extract_strict, gold_answer
 from gsmtune.data import Problem, load_eval_problems, load_split
 from gsmtune.model_card import write_model_card
-from gsmtune.runs import METRICS, MODEL, PREDICTIONS, prepare, read_predictions, write_provenance
+from gsmtune.runs import METRICS, MODEL, PREDICTIONS, prepare, read_predictions, write_atomic, write_provenance
 from gsmtune.stats import wilson_ci
 
 
@@ -176,7 +176,7 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
     rows = [done[p.index] for p in problems]
     metrics = compute_metrics(rows, cfg, time.time() - start) | {"model_path": model_path or cfg.model.name,
                                                                   "dtype": dtype}
-    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / METRICS, json.dumps(metrics, indent=2) + "\n")
     if model_path and Path(model_path).resolve() == (out / MODEL).resolve():  # `gsmtune run`: the card gets results
         write_model_card(out)
     return metrics

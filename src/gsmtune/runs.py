@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -65,7 +66,7 @@ def prepare(cfg: DictConfig, resume: bool, overwrite: bool, finished: bool = Fal
                 )
     out.mkdir(parents=True, exist_ok=True)
     if not (finished and resume and saved.exists()):
-        saved.write_text(to_yaml(cfg))
+        write_atomic(saved, to_yaml(cfg))
     return out
 
 
@@ -73,17 +74,32 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a run killed mid-write leaves the old file whole, never a torn one
+    that every later `--resume` would trip over."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # --- provenance --------------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    """The commit of the gsmtune checkout in use, '+dirty' when it has changes; None outside a git checkout."""
-    here = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+CODE_PATHS = (":(top)src", ":(top)scripts", ":(top)benchmarks", ":(top)pyproject.toml", ":(top)constraints.txt")
+
+
+def git_commit(here: Path = PACKAGE_DIR) -> str | None:
+    """The commit of the gsmtune checkout in use, '+dirty' when its code, configs, scripts or pins have changes (not
+    results or docs, which a study itself rewrites); None outside a git checkout."""
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -116,7 +132,7 @@ def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path:
         if stage == "eval" and (run / TRAINING_DATA).exists() and run.resolve() != out.resolve():
             shutil.copyfile(run / TRAINING_DATA, out / TRAINING_DATA)
     stages = _read_json(out / PROVENANCE) or {}
-    (out / PROVENANCE).write_text(json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
+    write_atomic(out / PROVENANCE, json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
 
 
 def trained_by(model_path: str | None) -> tuple[Path, dict] | None:
@@ -151,7 +167,7 @@ def write_training_data(out: Path, questions: list[str], model_path: str | None 
     if earlier:
         record |= {"questions": record["questions"] + earlier["questions"], "includes": str(trained[0]),
                    **{k: sorted(set(record[k]) | set(earlier[k])) for k in ("exact", "normalized")}}
-    (out / TRAINING_DATA).write_text(json.dumps(record) + "\n")
+    write_atomic(out / TRAINING_DATA, json.dumps(record) + "\n")
 
 
 # --- reading a run back ------------------------------------------------------------------------------------------
@@ -172,7 +188,7 @@ def read_predictions(path: Path, repair: bool = False) -> dict[int, dict]:
         done[row["index"]] = row
     clean = "".join(json.dumps(r) + "\n" for r in done.values())
     if repair and clean != text:
-        path.write_text(clean, encoding="utf-8")
+        write_atomic(path, clean)
     return done
 
 

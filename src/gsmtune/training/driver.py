@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from gsmtune.model_card import write_model_card
 from gsmtune.models import is_adapter, pick_device
-from gsmtune.runs import MERGED, MODEL, TRAIN_METRICS, prepare, write_provenance, write_training_data
+from gsmtune.runs import MERGED, MODEL, TRAIN_METRICS, prepare, write_atomic, write_provenance, write_training_data
 from gsmtune.training.clock import TrainClock
 from gsmtune.training.common import (
     choose_runtime,
@@ -119,6 +119,6 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
         "allocator": allocator_status(),  # as glibc accepted it in the process that trained
         "heap_trims": ceiling.trims if ceiling is not None else None,  # times the last piece went over the ceiling
     }
-    (out / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / TRAIN_METRICS, json.dumps(metrics, indent=2) + "\n")
     write_model_card(out)
     return final
