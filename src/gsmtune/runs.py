@@ -105,6 +105,11 @@ def git_commit(here: Path = PACKAGE_DIR) -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+# the code this process runs is the checkout as it was when the process started: a checkout that moves on during a
+# day-long run (the study commits as it goes) must not relabel what an earlier commit's code made
+LOADED_COMMIT = git_commit()
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -114,7 +119,7 @@ def _version(package: str) -> str | None:
 
 def provenance(device: str, dtype: str) -> dict:
     """What made a run: enough to re-run it with the same code and libraries, and to tell runs apart."""
-    return {"gsmtune": _version("gsmtune"), "git_commit": git_commit(),
+    return {"gsmtune": _version("gsmtune"), "git_commit": LOADED_COMMIT,
             "python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES},
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "device": device, "dtype": dtype, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
