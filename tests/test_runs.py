@@ -6,12 +6,12 @@ from omegaconf import OmegaConf
 
 from gsmtune.errors import GsmtuneError
 from gsmtune.runs import (
-    LOADED_COMMIT,
     PROVENANCE,
     TRAINING_DATA,
     fingerprint,
     git_commit,
     load_run,
+    loaded_commit,
     prepare,
     question_hash,
     read_predictions,
@@ -61,7 +61,7 @@ def test_provenance_records_each_stage_with_versions(tmp_path):
     import transformers
 
     assert record["eval"]["torch"] == torch.__version__ and record["eval"]["transformers"] == transformers.__version__
-    assert record["eval"]["git_commit"] == LOADED_COMMIT
+    assert record["eval"]["git_commit"] == loaded_commit()
     commit = git_commit()
     assert commit is None or len(commit.removesuffix("+dirty")) == 40
 

@@ -16,6 +16,7 @@ Analysis reads a run folder alone: no model, no dataset, no other folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +66,7 @@ def prepare(cfg: DictConfig, resume: bool, overwrite: bool, finished: bool = Fal
                     "use another output_dir or --overwrite"
                 )
     out.mkdir(parents=True, exist_ok=True)
+    loaded_commit()  # pinned now: provenance is written when a stage ends, hours later
     if not (finished and resume and saved.exists()):
         write_atomic(saved, to_yaml(cfg))
     return out
@@ -105,9 +107,12 @@ def git_commit(here: Path = PACKAGE_DIR) -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-# the code this process runs is the checkout as it was when the process started: a checkout that moves on during a
-# day-long run (the study commits as it goes) must not relabel what an earlier commit's code made
-LOADED_COMMIT = git_commit()
+@functools.cache
+def loaded_commit() -> str | None:
+    """git_commit() when this process first prepared a run folder, before hours of work: its code is the checkout as
+    it was then, and a checkout that moves on during a day-long run (the study commits as it goes) must not relabel
+    what an earlier commit's code made."""
+    return git_commit()
 
 
 def _version(package: str) -> str | None:
@@ -119,7 +124,7 @@ def _version(package: str) -> str | None:
 
 def provenance(device: str, dtype: str) -> dict:
     """What made a run: enough to re-run it with the same code and libraries, and to tell runs apart."""
-    return {"gsmtune": _version("gsmtune"), "git_commit": LOADED_COMMIT,
+    return {"gsmtune": _version("gsmtune"), "git_commit": loaded_commit(),
             "python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES},
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "device": device, "dtype": dtype, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
