@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from gsmtune.config import load_config, to_yaml
 from gsmtune.errors import GsmtuneError
+from gsmtune.runs import write_atomic
 
 KINDS = ("float", "int", "categorical")
 
@@ -97,7 +98,7 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
         raise GsmtuneError("sweep.space is empty: list the keys to search (see configs/sweep_example.yaml)")
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep_config.yaml").write_text(to_yaml(cfg))
+    write_atomic(root / "sweep_config.yaml", to_yaml(cfg))
     url = storage or f"sqlite:///{root / 'sweep.db'}"
     study = optuna.create_study(study_name=cfg.sweep.study_name, storage=url, direction="maximize",
                                 load_if_exists=True, sampler=make_sampler(cfg, trials))
@@ -123,9 +124,9 @@ def run_sweep(config_path: str | Path, overrides: list[str], trials: int, storag
     best = study.best_trial
     best_cfg: DictConfig = load_config(config_path, [*overrides, *as_overrides(best.params),
                                                      f"output_dir={root / 'best_run'}"])
-    (root / "best.yaml").write_text(to_yaml(best_cfg))
+    write_atomic(root / "best.yaml", to_yaml(best_cfg))
     summary = {"best_value": best.value, "best_params": best.params, "best_trial_dir": best.user_attrs.get("run_dir"),
                "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
                           for t in study.get_trials(deepcopy=False)]}
-    (root / "sweep_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(root / "sweep_results.json", json.dumps(summary, indent=2) + "\n")
     return summary
