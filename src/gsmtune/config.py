@@ -112,6 +112,7 @@ class TrainingConfig:
     bf16: bool = True  # falls back to fp32 where the hardware has no bf16
     gradient_checkpointing: bool | None = None  # None: off on CPUs with >= 20 GiB RAM (faster; BENCHMARKS.md), else on
     answer_head: bool = True  # output layer on answer tokens only, in bf16 (softmax fp32), where TRL's own head cannot
+    padding_free: bool | None = None  # None: on for CPU SFT (a micro-batch's rows in one row, no padding; BENCHMARKS.md)
     max_length: int = 512  # tokens per training row (TRL's SFTConfig name; formerly max_seq_length)
     logging_steps: int = 10
     save_steps: int = 100
@@ -169,7 +170,7 @@ CHOICES = {
 # Keys that change speed, not results: a resumed run may differ in these.
 RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
                 "sweep.space", "sweep.study_name", "sweep.sampler", "reference.accuracy", "reference.source",
-                "training.gradient_checkpointing", "training.answer_head",
+                "training.gradient_checkpointing", "training.answer_head", "training.padding_free",
                 "training.grpo.rollout")  # how a run goes, not what it learns (rollout: the same sampling, faster)
 
 

@@ -106,6 +106,59 @@ def test_gradient_checkpointing_default(monkeypatch, setting, device, ram, expec
     assert checkpointing(cfg.training, torch.device(device)) is expected
 
 
+def test_padding_free_rows_do_not_see_each_other(tiny_model_dir, train_dir, tmp_path):
+    """Rows concatenated into one: each answer token's log-probability is the one its row gets alone, so attention
+    keeps the rows apart (with transformers' packing detection off, they differ by up to 0.23 here)."""
+    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r", "training.padding_free=true",
+                                      "training.method=full"))  # float32 weights: exact up to summation order
+    trainer = make_trainer(cfg, tmp_path)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    assert len({len(r["input_ids"]) for r in rows}) > 1
+    packed = trainer.data_collator(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows)) and "attention_mask" not in packed
+
+    def answer_log_probs(batch):
+        out = trainer.model.eval()(**batch, fused_lm_head=True, use_cache=False)
+        return out.log_probs[out.label_mask]
+
+    with torch.no_grad():
+        alone = torch.cat([answer_log_probs(trainer.data_collator([r])) for r in rows])
+        torch.testing.assert_close(answer_log_probs(packed), alone, rtol=0, atol=1e-4)
+
+
+def test_padding_free_trains_to_padded_losses(tiny_model_dir, train_dir, tmp_path):
+    curves = {}
+    for flat in (True, False):
+        out = tmp_path / f"flat-{flat}"
+        assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, f"training.padding_free={flat}",
+                                                             "training.lora.dropout=0")]) == 0
+        curves[flat] = [p["loss"] for p in json.loads((out / "train_metrics.json").read_text())["loss_curve"]]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-2)
+    assert curves[True][0] == pytest.approx(curves[False][0], rel=1e-3)
+
+
+@pytest.mark.parametrize(("setting", "device", "remote_code", "expected"), [
+    (None, "cpu", False, True), (None, "cuda", False, False), (None, "cpu", True, False), (False, "cpu", False, False),
+    (True, "cuda", False, True)])
+def test_padding_free_default(setting, device, remote_code, expected):
+    from gsmtune.training.sft import padding_free
+
+    cfg = load_config(None, [f"training.padding_free={'null' if setting is None else setting}",
+                             f"model.trust_remote_code={remote_code}"])
+    assert padding_free(cfg, torch.device(device)) is expected
+
+
+def test_rows_cut_at_max_length(tiny_model_dir, train_dir, tmp_path):
+    from gsmtune.data import train_validation_split
+    from gsmtune.training.sft_data import sft_rows
+
+    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r", "training.max_length=20"))
+    tokenizer = make_trainer(cfg, tmp_path).processing_class
+    rows = sft_rows(train_validation_split(cfg)[0], cfg, tokenizer)
+    assert {len(r["input_ids"]) for r in rows} == {20}  # every tiny problem is longer than 20 tokens
+    assert all(len(r["completion_mask"]) == 20 for r in rows)
+
+
 def test_fallback_lines(capsys):
     from gsmtune.training.common import choose_runtime
 

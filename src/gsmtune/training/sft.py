@@ -31,11 +31,24 @@ def load_for_training(cfg: DictConfig, device: torch.device, bf16: bool):
                         trainable_adapter=True)
 
 
+def padding_free(cfg: DictConfig, device: torch.device) -> bool:
+    """A micro-batch's rows concatenated into one, without padding; transformers keeps them apart in attention by their
+    position ids (sdpa, eager, flash). Unset: on for CPU, where padding is compute spent for nothing (BENCHMARKS.md);
+    off for remote-code models, whose attention may ignore those position ids."""
+    t = cfg.training
+    if t.padding_free is not None:
+        return bool(t.padding_free)
+    return device.type == "cpu" and not cfg.model.trust_remote_code
+
+
 def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device, has_validation: bool):
     from trl import SFTConfig
 
     t = cfg.training
-    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": t.max_length, "completion_only_loss": True}
+    flat = padding_free(cfg, device)
+    # padding-free TRL leaves truncation to the caller: sft_rows cuts rows at max_length either way
+    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": None if flat else t.max_length,
+                                                           "padding_free": flat, "completion_only_loss": True}
     if has_validation:
         args |= {"eval_strategy": "steps", "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.per_device_train_batch_size}
         if t.early_stopping_patience:
