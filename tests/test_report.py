@@ -68,6 +68,20 @@ def test_report_html_and_markdown(tmp_path, capsys):
     assert "Contamination warning**: 1 eval questions appear verbatim" in md and "and 1 more as near-duplicates" in md
 
 
+def test_report_takes_several_folders_and_pairs_table_adjusts_for_its_size(tmp_path, capsys):
+    fixture_runs(tmp_path / "runs")
+    write_run(tmp_path / "more" / "again", [row(" #### 24" if i < 2 else " no", index=i, stop="eos",
+                                                question={3: "q3", 4: "Tom has 7 apples"}.get(i, f"question {i}?"))
+                                            for i in range(10)])
+    assert main(["report", str(tmp_path / "runs" / "base"), str(tmp_path / "runs" / "lora"), str(tmp_path / "more"),
+                 "-o", str(tmp_path / "r.html")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert {"| base |", "| lora |", "| again |"} <= {line[:line.index(" |", 2) + 2] for line in md.splitlines()
+                                                     if line.startswith("| ")}
+    # 3 pairs: lora vs base and vs its copy (1 vs 8 discordant: p 0.0391, Holm x 3), base vs its copy (p 1)
+    assert "| Holm p (of 3) |" in md and md.count("| 0.0391 | 0.117 |") == 2 and "| 1 | 1 |" in md
+
+
 def test_compare_and_analyze_cli(tmp_path, capsys):
     fixture_runs(tmp_path / "runs")
     base, lora = str(tmp_path / "runs" / "base"), str(tmp_path / "runs" / "lora")

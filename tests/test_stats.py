@@ -1,6 +1,6 @@
 import pytest
 
-from gsmtune.stats import mcnemar_exact, paired_bootstrap_ci, wilson_ci
+from gsmtune.stats import holm, mcnemar_exact, paired_bootstrap_ci, wilson_ci
 
 
 def test_wilson_known_values():
@@ -26,3 +26,9 @@ def test_paired_bootstrap_ci():
     assert paired_bootstrap_ci(a, a) == (0.0, 0.0)
     with pytest.raises(ValueError):
         paired_bootstrap_ci(a, b[:10])
+
+
+def test_holm_known_values():
+    # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1, each at least the one before it
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([0.3, 0.6]) == [0.6, 0.6] and holm([0.9, 0.9]) == [1.0, 1.0] and holm([]) == []

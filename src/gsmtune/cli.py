@@ -118,7 +118,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     out = Path(args.output)
     markdown = Path(args.markdown) if args.markdown else out.with_suffix(".md")
-    build_report(find_runs(args.runs_dir), out, markdown)
+    build_report([run for folder in args.runs for run in find_runs(folder)], out, markdown)
     print(f"report: {out} (markdown: {markdown})")
 
 
@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=3, help="examples shown per category")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("report", help="one self-contained HTML report (and markdown) for every run under a folder")
-    p.add_argument("runs_dir")
+    p = sub.add_parser("report", help="one self-contained HTML report (and markdown) for every run under the folders")
+    p.add_argument("runs", nargs="+", help="run folders, or folders holding runs")
     p.add_argument("-o", "--output", default="report.html")
     p.add_argument("--markdown", help="markdown copy (default: OUTPUT with .md; plots in OUTPUT_files/)")
     p.set_defaults(func=cmd_report)

@@ -19,6 +19,7 @@ from gsmtune.analysis import (
     with_votes,
 )
 from gsmtune.runs import Run
+from gsmtune.stats import holm
 
 
 def _pct(x: float) -> str:
@@ -63,21 +64,24 @@ def training_table(runs: list[Run]) -> str | None:
 
 
 def pairs_table(runs: list[Run]) -> str:
+    pairs = all_pairs(runs)
     rows = []
-    for c in all_pairs(runs):
+    for c, adjusted in zip(pairs, holm([c.p_value for c in pairs]), strict=True):
         note = f"{c.n} shared problems" if c.partial else ""
         rows.append([c.a, c.b, c.n, f"{100 * c.diff:+.1f}", f"{100 * c.diff_ci[0]:+.1f} to {100 * c.diff_ci[1]:+.1f}",
-                     c.only_b, c.only_a, f"{c.p_value:.3g}", note])
+                     c.only_b, c.only_a, f"{c.p_value:.3g}", f"{adjusted:.3g}", note])
     if not rows:
         return "No two runs share a problem."
-    return table(["A", "B", "n", "B-A (pts)", "bootstrap 95% CI", "only B right", "only A right", "McNemar p", "note"], rows)
+    return table(["A", "B", "n", "B-A (pts)", "bootstrap 95% CI", "only B right", "only A right", "McNemar p",
+                  f"Holm p (of {len(rows)})", "note"], rows)
 
 
 def comparison_markdown(runs: list[Run]) -> str:
     runs = with_votes(runs)
     training = training_table(runs)
     return (f"{summary_table(runs)}\n\nPaired differences (each pair on the problems both runs answered; exact McNemar "
-            f"test, bootstrap CI over problems):\n\n{pairs_table(runs)}\n"
+            "test, bootstrap CI over problems; Holm's p adjusts McNemar's for the number of pairs in the table, the "
+            f"one to read where no single pair was chosen in advance):\n\n{pairs_table(runs)}\n"
             + (f"\nTraining (hours over all resumed pieces; tokens/s of the last piece):\n\n{training}\n" if training else ""))
 
 

@@ -28,6 +28,17 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: a table of many paired tests keeps its family-wise error rate at the level
+    each adjusted p is read against (some pair of 20 tests gets p < 0.05 by chance alone; its adjusted p does not)."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def paired_bootstrap_ci(a: list[bool], b: list[bool], n_boot: int = 10_000, seed: int = 0,
                         level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of accuracy(b) - accuracy(a), resampling problems (pairs stay together)."""
