@@ -82,6 +82,16 @@ def test_report_takes_several_folders_and_pairs_table_adjusts_for_its_size(tmp_p
     assert "| Holm p (of 3) |" in md and md.count("| 0.0391 | 0.117 |") == 2 and "| 1 | 1 |" in md
 
 
+def test_runs_under_several_folders_once_each_and_named_apart(tmp_path):
+    from gsmtune.runs import find_runs_in
+
+    fixture_runs(tmp_path / "a")
+    fixture_runs(tmp_path / "b")
+    assert sorted(r.name for r in find_runs_in([tmp_path / "a", tmp_path / "a" / "lora"])) == ["base", "lora"]
+    assert sorted(r.name for r in find_runs_in([tmp_path / "a", tmp_path / "b"])) == ["a/base", "a/lora", "b/base",
+                                                                                     "b/lora"]
+
+
 def test_compare_and_analyze_cli(tmp_path, capsys):
     fixture_runs(tmp_path / "runs")
     base, lora = str(tmp_path / "runs" / "base"), str(tmp_path / "runs" / "lora")

@@ -114,11 +114,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from gsmtune.report import build_report
-    from gsmtune.runs import find_runs
+    from gsmtune.runs import find_runs_in
 
     out = Path(args.output)
     markdown = Path(args.markdown) if args.markdown else out.with_suffix(".md")
-    build_report([run for folder in args.runs for run in find_runs(folder)], out, markdown)
+    build_report(find_runs_in(args.runs), out, markdown)
     print(f"report: {out} (markdown: {markdown})")
 
 

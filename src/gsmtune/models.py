@@ -107,12 +107,17 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def adapter_base(path: str | Path) -> str:
-    """The base model an adapter was trained on, as the config named it (a Hub id, folder or bundled:NAME)."""
+    """The base model an adapter was trained on, as the config named it (a Hub id, folder or bundled:NAME); a folder
+    gsmtune recorded relative to the adapter's own folder (so the pair survives a clone or a move) resolved here."""
     import json
 
-    base = json.loads((Path(path).expanduser() / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    folder = Path(path).expanduser()
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise GsmtuneError(f"{path}/adapter_config.json names no base model; set its base_model_name_or_path")
+    beside = folder / base
+    if not base.startswith(BUNDLED_PREFIX) and not Path(base).is_absolute() and beside.is_dir():
+        return str(beside.resolve())
     return base
 
 

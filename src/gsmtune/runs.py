@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -282,6 +282,16 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     return _upgrade(Run(path=path, name=name or path.name, config=config, metrics=json.loads((path / METRICS).read_text()),
                         predictions=read_predictions(path / PREDICTIONS), provenance=_read_json(path / PROVENANCE) or {},
                         train_metrics=_read_json(path / TRAIN_METRICS), training_data=_read_json(path / TRAINING_DATA)))
+
+
+def find_runs_in(folders: list[str | Path]) -> list[Run]:
+    """The runs under several folders, each once; where two folders hold runs of the same name, every run is named by
+    its path below the folders' common parent instead (a table or baseline pairing by name stays unambiguous)."""
+    runs = list({r.path.resolve(): r for folder in folders for r in find_runs(folder)}.values())
+    if len({r.name for r in runs}) < len(runs):
+        top = Path(os.path.commonpath([r.path.resolve() for r in runs]))
+        runs = [replace(r, name=str(r.path.resolve().relative_to(top))) for r in runs]
+    return runs
 
 
 def find_runs(root: str | Path) -> list[Run]:

@@ -137,26 +137,38 @@ def test_padding_free_trains_to_padded_losses(tiny_model_dir, train_dir, tmp_pat
     assert curves[True][0] == pytest.approx(curves[False][0], rel=1e-3)
 
 
-@pytest.mark.parametrize(("setting", "device", "remote_code", "expected"), [
-    (None, "cpu", False, True), (None, "cuda", False, False), (None, "cpu", True, False), (False, "cpu", False, False),
-    (True, "cuda", False, True)])
-def test_padding_free_default(setting, device, remote_code, expected):
+@pytest.mark.parametrize(("settings", "device", "model_type", "expected"), [
+    ([], "cpu", "gemma3_text", True), ([], "cuda", "gemma3_text", False), ([], "cpu", "opt", False),
+    (["model.trust_remote_code=true"], "cpu", "llama", False), (["training.packing=true"], "cpu", "llama", False),
+    (["training.neftune_noise_alpha=5"], "cpu", "gemma", False), (["training.padding_free=false"], "cpu", "gemma", False),
+    (["training.padding_free=true"], "cuda", "opt", True)])
+def test_padding_free_default(settings, device, model_type, expected):
     from gsmtune.training.sft import padding_free
 
-    cfg = load_config(None, [f"training.padding_free={'null' if setting is None else setting}",
-                             f"model.trust_remote_code={remote_code}"])
-    assert padding_free(cfg, torch.device(device)) is expected
+    assert padding_free(load_config(None, settings), torch.device(device), model_type) is expected
 
 
 def test_rows_cut_at_max_length(tiny_model_dir, train_dir, tmp_path):
+    """Cut as TRL would (it leaves that to the caller when padding-free); a row left without answer tokens goes."""
     from gsmtune.data import train_validation_split
     from gsmtune.training.sft_data import sft_rows
 
-    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r", "training.max_length=20"))
+    cfg = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r"))
     tokenizer = make_trainer(cfg, tmp_path).processing_class
-    rows = sft_rows(train_validation_split(cfg)[0], cfg, tokenizer)
-    assert {len(r["input_ids"]) for r in rows} == {20}  # every tiny problem is longer than 20 tokens
-    assert all(len(r["completion_mask"]) == 20 for r in rows)
+    problems = train_validation_split(cfg)[0]
+    full = sft_rows(problems, cfg, tokenizer)
+    prompt = min(r["completion_mask"].index(1) for r in full)
+    for mode in ("keep_start", "keep_end"):
+        cut = load_config(None, overrides(tiny_model_dir, train_dir, tmp_path / "r", f"training.max_length={prompt + 2}",
+                                          f"training.truncation_mode={mode}"))
+        rows = sft_rows(problems, cut, tokenizer)
+        assert rows and all(len(r["input_ids"]) == len(r["completion_mask"]) == prompt + 2 and any(r["completion_mask"])
+                            for r in rows)
+        kept = [r for r in full if r["completion_mask"].index(1) < prompt + 2] if mode == "keep_start" else full
+        assert len(rows) == len(kept)  # keep_start drops rows whose prompt fills the cut; keep_end keeps answer ends
+        assert mode == "keep_end" or 0 < len(kept) < len(full)
+        ends = [f["input_ids"][:prompt + 2] if mode == "keep_start" else f["input_ids"][-prompt - 2:] for f in kept]
+        assert [r["input_ids"] for r in rows] == ends
 
 
 def test_fallback_lines(capsys):
@@ -283,17 +295,22 @@ def test_two_process_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
 
 
 def test_adapter_names_its_base_portably(tiny_model_dir, train_dir, tmp_path, monkeypatch):
-    """The adapter records the base as configured: a relative folder becomes absolute, and it loads from elsewhere."""
-    monkeypatch.chdir(tiny_model_dir.parent)
-    out = tmp_path / "lora"
-    assert main(["train", "base",
-                 *overrides(tiny_model_dir.name, train_dir, out, "training.max_steps=1")]) == 0
-    config = json.loads((out / "model" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_model_dir)
-    monkeypatch.chdir(tmp_path)
+    """A base folder is recorded relative to the adapter: it loads from any working directory, and after the base and
+    the run folder move together (a clone elsewhere)."""
+    import shutil
+
     from gsmtune.models import load_model
 
+    shutil.copytree(tiny_model_dir, tmp_path / "tree" / "weights")
+    monkeypatch.chdir(tmp_path / "tree")
+    out = tmp_path / "tree" / "runs" / "lora"
+    assert main(["train", "base", *overrides("weights", train_dir, out, "training.max_steps=1")]) == 0
+    config = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.join("..", "..", "..", "weights")
+    monkeypatch.chdir(tmp_path)
     assert load_model(str(out / "model"), dtype="fp32").model.peft_config["default"].r == 16
+    shutil.move(tmp_path / "tree", tmp_path / "moved")
+    assert load_model(str(tmp_path / "moved" / "runs" / "lora" / "model"), dtype="fp32").path.endswith("model")
 
 
 def test_tracker_without_its_package_is_one_line(monkeypatch, capsys):

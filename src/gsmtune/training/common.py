@@ -158,12 +158,12 @@ def latest_checkpoint(out: Path) -> str | None:
 
 
 def name_base(adapter: Path, model_name: str) -> None:
-    """Record the base as the config named it (`bundled:...`, a Hub id, an absolute folder), not a cache path."""
+    """Record the base as the config named it (`bundled:...`, a Hub id), not a cache path; a folder relative to the
+    adapter's own folder (`adapter_base` resolves it), so a run folder and its base folder can move together."""
     path = resolve_model_path(model_name)
-    if is_adapter(path):  # trained on top of another adapter: same base
-        base = adapter_base(path)
-    else:
-        base = model_name if model_name.startswith("bundled:") or not Path(model_name).exists() else str(Path(model_name).resolve())
+    base = adapter_base(path) if is_adapter(path) else model_name  # on top of another adapter: the same base
+    if not base.startswith("bundled:") and Path(base).exists():
+        base = os.path.relpath(Path(base).resolve(), adapter.resolve())
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

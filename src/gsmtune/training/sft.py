@@ -31,24 +31,35 @@ def load_for_training(cfg: DictConfig, device: torch.device, bf16: bool):
                         trainable_adapter=True)
 
 
-def padding_free(cfg: DictConfig, device: torch.device) -> bool:
+# Model types whose attention masks follow packed position ids (each checked: a row's logits packed == alone, to
+# float rounding). Others (OPT, Bloom, MPT, ...) would let packed rows see each other.
+PACKED_POSITIONS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3", "phi3",
+                              "granite", "olmo2", "smollm3"})
+
+
+def padding_free(cfg: DictConfig, device: torch.device, model_type: str) -> bool:
     """A micro-batch's rows concatenated into one, without padding; transformers keeps them apart in attention by their
-    position ids (sdpa, eager, flash). Unset: on for CPU, where padding is compute spent for nothing (BENCHMARKS.md);
-    off for remote-code models, whose attention may ignore those position ids."""
+    position ids. Unset: on for CPU, where padding is compute spent for nothing (BENCHMARKS.md), for the model types
+    known to keep packed rows apart (not remote code); off with TRL's packing (its own scheme) or NEFTune (its noise
+    scales with the row's length)."""
     t = cfg.training
     if t.padding_free is not None:
         return bool(t.padding_free)
-    return device.type == "cpu" and not cfg.model.trust_remote_code
+    trl = passthrough(t)
+    return (device.type == "cpu" and model_type in PACKED_POSITIONS and not cfg.model.trust_remote_code
+            and not trl.get("packing") and not trl.get("neftune_noise_alpha"))
 
 
-def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device, has_validation: bool):
+def sft_config(cfg: DictConfig, out: Path, optim: str, bf16: bool, device: torch.device, has_validation: bool,
+               model_type: str):
     from trl import SFTConfig
 
     t = cfg.training
-    flat = padding_free(cfg, device)
-    # padding-free TRL leaves truncation to the caller: sft_rows cuts rows at max_length either way
-    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": None if flat else t.max_length,
-                                                           "padding_free": flat, "completion_only_loss": True}
+    flat = padding_free(cfg, device, model_type)
+    # padding-free without packing, TRL leaves truncation to the caller: sft_rows cuts rows at max_length either way
+    cut = t.max_length if (not flat or passthrough(t).get("packing")) else None
+    args = trainer_args(cfg, out, optim, bf16, device) | {"max_length": cut, "padding_free": flat,
+                                                           "completion_only_loss": True}
     if has_validation:
         args |= {"eval_strategy": "steps", "eval_steps": t.eval_steps, "per_device_eval_batch_size": t.per_device_train_batch_size}
         if t.early_stopping_patience:
@@ -72,7 +83,7 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
     model, tokenizer, path = load_for_training(cfg, device, bf16)
     train_ds = Dataset.from_list(sft_rows(train_problems, cfg, tokenizer))
     val_ds = Dataset.from_list(sft_rows(val_problems, cfg, tokenizer)) if val_problems else None
-    args = sft_config(cfg, out, optim, bf16, device, val_ds is not None)
+    args = sft_config(cfg, out, optim, bf16, device, val_ds is not None, model.config.model_type)
     patience = cfg.training.early_stopping_patience
     callbacks = [EarlyStoppingCallback(patience)] if (val_ds is not None and patience) else []
     callbacks.append(DurationForecast(sum(map(len, train_ds["input_ids"])), say))

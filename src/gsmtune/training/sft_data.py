@@ -26,9 +26,11 @@ def completion_text(problem: Problem, cfg: DictConfig, tokenizer, prompt: str) -
 
 
 def sft_rows(problems: list[Problem], cfg: DictConfig, tokenizer) -> list[dict]:
-    """`input_ids` + `completion_mask` rows for TRL's SFTTrainer: loss on the answer (and EOS / end of turn) only; cut
-    at `training.max_length` tokens, keeping the start as TRL does (it leaves this to the caller when padding-free)."""
+    """`input_ids` + `completion_mask` rows for TRL's SFTTrainer: loss on the answer (and EOS / end of turn) only. Cut
+    at `training.max_length` tokens as TRL would (`truncation_mode`), and a row left without answer tokens dropped, as
+    TRL does: when padding-free, TRL leaves both to the caller."""
     cut = cfg.training.max_length
+    keep = slice(-cut, None) if cfg.training.get("truncation_mode") == "keep_end" else slice(cut)
     rows = []
     for p in problems:
         prompt = build_prompt(p.question, cfg, [], tokenizer)
@@ -36,6 +38,7 @@ def sft_rows(problems: list[Problem], cfg: DictConfig, tokenizer) -> list[dict]:
         answer_ids = tokenizer(completion_text(p, cfg, tokenizer, prompt), add_special_tokens=False)["input_ids"]
         if not cfg.prompt.chat_template:
             answer_ids.append(tokenizer.eos_token_id)
-        rows.append({"input_ids": (prompt_ids + answer_ids)[:cut],
-                     "completion_mask": ([0] * len(prompt_ids) + [1] * len(answer_ids))[:cut]})
+        mask = ([0] * len(prompt_ids) + [1] * len(answer_ids))[keep]
+        if any(mask):
+            rows.append({"input_ids": (prompt_ids + answer_ids)[keep], "completion_mask": mask})
     return rows
