@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,7 +89,9 @@ def train_gsmtune(a, callback) -> Path:
 
 def gsmtune_worker(a) -> dict:
     clock = StepClock()
-    m = json.loads((train_gsmtune(a, clock.callback) / "train_metrics.json").read_text())
+    out = train_gsmtune(a, clock.callback)
+    m = json.loads((out / "train_metrics.json").read_text())
+    shutil.rmtree(out)  # a full-SFT run folder holds ~4 GB of model and checkpoint: 18 of them filled a disk
     return clock.result(m["train_runtime_seconds"], [p["loss"] for p in m["loss_curve"]]) | {
         "allocator": m["allocator"]}
 
@@ -116,7 +119,7 @@ def trl_worker(a, same_allocator: bool = False) -> dict:
     lc = cfg.training.lora
     peft = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                       task_type="CAUSAL_LM") if a.method == "lora" else None
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size,
+    args = SFTConfig(output_dir=(scratch := tempfile.mkdtemp()), per_device_train_batch_size=a.batch_size,
                      gradient_accumulation_steps=a.accumulation, max_steps=a.max_steps, learning_rate=LR[a.method],
                      lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
                      data_seed=cfg.seed, include_num_input_tokens_seen="non_padding", completion_only_loss=True,
@@ -125,6 +128,7 @@ def trl_worker(a, same_allocator: bool = False) -> dict:
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
                          callbacks=[clock.callback])
     result = trainer.train()
+    shutil.rmtree(scratch)
     return clock.result(result.metrics["train_runtime"], [h["loss"] for h in trainer.state.log_history if "loss" in h]) | {
         "allocator": status()}
 
@@ -134,7 +138,9 @@ def run_worker(args: list[str]) -> dict:
         out = f.name
     subprocess.run([sys.executable, str(Path(__file__).resolve()), *args, "--out", out], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads(Path(out).read_text())
+    result = json.loads(Path(out).read_text())
+    Path(out).unlink()
+    return result
 
 
 def main() -> None:
