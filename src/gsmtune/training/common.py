@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from gsmtune.config import LR_FLOORS, training_keys
 from gsmtune.errors import GsmtuneError
-from gsmtune.models import adapter_base, bf16_supported, is_adapter, load_weights, resolve_model_path
+from gsmtune.models import BUNDLED_PREFIX, adapter_base, bf16_supported, is_adapter, load_weights, resolve_model_path
 from gsmtune.runs import CHECKPOINTS
 
 
@@ -162,7 +162,7 @@ def name_base(adapter: Path, model_name: str) -> None:
     adapter's own folder (`adapter_base` resolves it), so a run folder and its base folder can move together."""
     path = resolve_model_path(model_name)
     base = adapter_base(path) if is_adapter(path) else model_name  # on top of another adapter: the same base
-    if not base.startswith("bundled:") and Path(base).exists():
+    if not base.startswith(BUNDLED_PREFIX) and Path(base).exists():
         base = os.path.relpath(Path(base).resolve(), adapter.resolve())
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base
