@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from gsmtune.errors import GsmtuneError
 from gsmtune.models import adapter_base, is_adapter, load_model, load_weights, pick_dtype
+from gsmtune.training import common
 
 
 @pytest.fixture
@@ -55,3 +57,19 @@ def test_the_output_layer_gets_a_contiguous_input(adapter_dir):
     with torch.inference_mode():
         lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
     assert seen == [True]
+
+
+@pytest.mark.parametrize("caps, native", [
+    ({"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": False}, False),  # emulated: 5x slower than fp32
+    ({"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": False}, True),
+    ({"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": True}, True),
+])
+def test_auto_picks_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, caps, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert pick_dtype("bf16", cpu) == torch.bfloat16  # asked for by name, it is what runs
+    said = []
+    monkeypatch.setattr(common, "say", said.append)
+    t = OmegaConf.create({"report_to": "none", "optim": "adamw_torch", "bf16": True})
+    assert common.choose_runtime(t, cpu) == ("adamw_torch", native) and len(said) == (0 if native else 1)

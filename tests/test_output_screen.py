@@ -9,6 +9,21 @@ from gsmtune.generation import StopRules, draw, generate, stream
 from gsmtune.output_screen import Screen, rowwise, screened_output_layer
 
 
+@pytest.fixture(autouse=True)
+def screen_on(monkeypatch):
+    """The screen is off by default on CPUs that emulate bf16; these tests check what it does where it runs."""
+    monkeypatch.setenv("GSMTUNE_SCREEN", "on")
+
+
+def test_screen_is_on_by_default_only_where_bf16_is_native(tiny_tokenizer, monkeypatch):
+    model = sliding_model(tiny_tokenizer, seed=3)
+    monkeypatch.delenv("GSMTUNE_SCREEN")
+    for native in (True, False):
+        monkeypatch.setattr(output_screen, "bf16_supported", lambda device, native=native: native)
+        with screened_output_layer(model) as screen:
+            assert (screen is not None) == native
+
+
 def _float32_choice(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(x, weight).max(-1).indices
 
