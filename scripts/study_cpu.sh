@@ -6,8 +6,10 @@
 # of rows waits on it), the trained rows, then the base rows (cheap, and nothing waits on them). The grid's winner
 # goes into cpu/full_main.yaml and cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there
 # until the grid's result (results/cpu/sweeps/full_main_lr/best.yaml) is applied.
-# Last, on the best trained row (test EM; ties: the first of full_main, full_socratic, lora_main, lora_socratic), the
+# Last, on the best trained row whose model is committed (test EM; ties: the first of lora_main, lora_socratic), the
 # issue's extra rows, each paired with it: calculator, self-consistency (k = 5), both, and GRPO (cpu/grpo_best).
+# Only adapters are committed (full models are 1 GB): a full row's extras would need its model re-trained on the machine
+# that runs them, and hours of them could not resume on another one.
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
 cd "$(dirname "$0")/.."
@@ -47,7 +49,7 @@ if [ ${#failed[@]} -gt 0 ]; then
     exit 1
 fi
 best=$("$python" -c "import json
-rows = ['full_main', 'full_socratic', 'lora_main', 'lora_socratic']
+rows = ['lora_main', 'lora_socratic']
 acc = {r: json.load(open(f'results/cpu/{r}/metrics.json'))['accuracy'] for r in rows}
 print(max(rows, key=acc.get))")
 R=results/cpu/$best
