@@ -57,6 +57,7 @@ def test_provenance_records_each_stage_with_versions(tmp_path):
     write_provenance(tmp_path, "eval", "cpu", "float32")
     record = json.loads((tmp_path / PROVENANCE).read_text())
     assert record["format"] == 2 and (record["train"]["dtype"], record["eval"]["dtype"]) == ("bfloat16", "float32")
+    assert record["train"]["cpu"].endswith(("; bf16 native", "; bf16 not native"))  # which CPU made the row
     import torch
     import transformers
 

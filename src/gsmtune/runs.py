@@ -16,6 +16,7 @@ Analysis reads a run folder alone: no model, no dataset, no other folder.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -127,7 +128,24 @@ def provenance(device: str, dtype: str) -> dict:
     return {"gsmtune": _version("gsmtune"), "git_commit": loaded_commit(),
             "python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES},
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "device": device, "dtype": dtype, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "cpu": cpu_name(), "device": device, "dtype": dtype, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it runs bf16 natively: a re-check on another CPU can differ in speed, and a row
+    trained there can differ in precision (gsmtune trains in float32 where bf16 would be emulated)."""
+    import torch
+
+    from gsmtune.models import bf16_supported
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux: the first CPU's model name, family and model number
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "model name" in fields:
+            name = f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    return f"{name}; bf16 {'native' if bf16_supported(torch.device('cpu')) else 'not native'}"
 
 
 def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path: str | None = None) -> None:
