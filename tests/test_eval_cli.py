@@ -6,6 +6,7 @@ import pytest
 
 from gsmtune.cli import main
 from gsmtune.evaluate import PREDICTIONS
+from gsmtune.runs import stage_pieces
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def test_resume_after_interruption_loses_nothing(run_args, tmp_path, sampling):
 
     assert texts(resumed) == texts(full)
     run = tmp_path / "run"
+    assert len(stage_pieces(run, "eval")) == 2  # the process that began it and the one that finished it
     kept = {f: (run / f).read_text() for f in ("metrics.json", "provenance.json", "config.yaml")}
     assert main(run_args + ["--resume", "generation.batch_size=3"]) == 0  # finished: nothing to do, nothing rewritten
     assert {f: (run / f).read_text() for f in kept} == kept

@@ -15,6 +15,7 @@ from gsmtune.runs import (
     prepare,
     question_hash,
     read_predictions,
+    stage_pieces,
     write_atomic,
     write_provenance,
     write_training_data,
@@ -65,6 +66,16 @@ def test_provenance_records_each_stage_with_versions(tmp_path):
     assert record["eval"]["git_commit"] == loaded_commit()
     commit = git_commit()
     assert commit is None or len(commit.removesuffix("+dirty")) == 40
+
+
+def test_a_stage_continued_keeps_each_process_record_and_a_fresh_one_replaces_them(tmp_path):
+    write_provenance(tmp_path, "train", "cpu", "bfloat16")
+    write_provenance(tmp_path, "train", "cpu", "float32", continues=True)
+    write_provenance(tmp_path, "train", "cuda", "bfloat16", continues=True)
+    assert [(p["device"], p["dtype"]) for p in stage_pieces(tmp_path, "train")] == [
+        ("cpu", "bfloat16"), ("cpu", "float32"), ("cuda", "bfloat16")]
+    write_provenance(tmp_path, "train", "cpu", "float32")  # started again from step 0: the earlier pieces made none of it
+    assert [p["dtype"] for p in stage_pieces(tmp_path, "train")] == ["float32"] and stage_pieces(tmp_path, "eval") == []
 
 
 def test_an_evaluation_of_a_trained_model_reads_its_own_folder_alone(tmp_path):

@@ -145,9 +145,9 @@ def run_eval(cfg: DictConfig, resume: bool = False, overwrite: bool = False, mod
         print(f"gsmtune: {out} already scored all {len(problems)} problems; nothing to resume", file=sys.stderr)
         return json.loads((out / METRICS).read_text())
     dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
-    write_provenance(out, "eval", str(device), dtype, model_path or cfg.model.name)
     pred_path = out / PREDICTIONS
     done = read_predictions(pred_path, repair=True)
+    write_provenance(out, "eval", str(device), dtype, model_path or cfg.model.name, continues=bool(done))
     pending = [p for p in problems if p.index not in done]
 
     if pending:

@@ -11,7 +11,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gsmtune.runs import CONFIG, METRICS, MODEL, PREDICTIONS, PROVENANCE, TRAIN_METRICS, TRAINING_DATA, _read_json
+from gsmtune.runs import (
+    CONFIG,
+    METRICS,
+    MODEL,
+    PREDICTIONS,
+    PROVENANCE,
+    TRAIN_METRICS,
+    TRAINING_DATA,
+    _read_json,
+    stage_pieces,
+)
 
 CARD = "README.md"
 BUNDLED_BASES = {"bundled:gemma-3-270m": "google/gemma-3-270m"}  # what the bundled GGUF is a copy of
@@ -41,6 +51,16 @@ def _results(metrics: dict | None, run: Path) -> list[str]:
     ]
 
 
+def _pieces(run: Path) -> str:
+    """A training resumed from checkpoints, piece by piece: which code, CPU and precision made each part."""
+    pieces = stage_pieces(run, "train")
+    if len(pieces) < 2:
+        return ""
+    return f" Trained in {len(pieces)} pieces, resumed from checkpoints: " + "; ".join(
+        f"{p.get('created', '?')}, commit {p.get('git_commit') or 'unknown'}, {p.get('dtype', '?')} on "
+        f"{p.get('cpu') or p.get('device', '?')}" for p in pieces) + "."
+
+
 def model_card(run: Path) -> str:
     """The card's text, from RUN/config.yaml, train_metrics.json, metrics.json (if evaluated) and provenance.json."""
     cfg = OmegaConf.to_container(OmegaConf.load(run / CONFIG), resolve=True)
@@ -62,7 +82,7 @@ def model_card(run: Path) -> str:
         "---", *front, "---", "",
         f"# {run.name}: {hub_base} fine-tuned on GSM8K {ds['config_name']} ({t['method']})", "",
         f"Trained with gsmtune {prov.get('gsmtune', '?')} (commit {prov.get('git_commit') or 'unknown'}); "
-        f"{'a LoRA adapter' if adapter else 'a full model'} on top of `{base}`{bundled}.", "",
+        f"{'a LoRA adapter' if adapter else 'a full model'} on top of `{base}`{bundled}." + _pieces(run), "",
         "## Training data", "",
         f"{source.get(ds['source'], ds['source'])}, `{ds['config_name']}` solutions: {n_train} training problems"
         + (f" (all of train but a {ds['validation_size']}-problem validation split, seed {cfg['seed']})"

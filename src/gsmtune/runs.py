@@ -1,8 +1,9 @@
 """The run folder, the one contract between stages: its files, create / resume / refuse, reading it back, provenance.
 
     RUN/config.yaml          the resolved config, written first (a resume must match it)
-    RUN/provenance.json      per stage (train, eval): which code, libraries, device and dtype ran it; an evaluation
-                             of a trained model also names the training that made it
+    RUN/provenance.json      per stage (train, eval): which code, libraries, device and dtype ran it (a resumed stage
+                             keeps each earlier process's record); an evaluation of a trained model also names the
+                             training that made it
     RUN/predictions.jsonl    one scored problem per line, appended as problems finish (an interrupted eval resumes)
     RUN/metrics.json         written last by evaluation
     RUN/train_metrics.json   written last by training
@@ -148,10 +149,12 @@ def cpu_name() -> str:
     return f"{name}; bf16 {'native' if bf16_supported(torch.device('cpu')) else 'not native'}"
 
 
-def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path: str | None = None) -> None:
+def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path: str | None = None,
+                     continues: bool = False) -> None:
     """Record this stage's (train or eval) provenance, and which gsmtune training made the model it started from. An
     evaluation also copies that training's question hashes, so the folder answers "which method" and "which training
-    questions" by itself."""
+    questions" by itself. A process that `continues` a stage (from a checkpoint or predictions) keeps the records of
+    the processes before it: a row made in pieces may have run on other code, CPUs or precisions."""
     record = provenance(device, dtype)
     trained = trained_by(model_path)
     if trained is not None:
@@ -160,7 +163,16 @@ def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path:
         if stage == "eval" and (run / TRAINING_DATA).exists() and run.resolve() != out.resolve():
             shutil.copyfile(run / TRAINING_DATA, out / TRAINING_DATA)
     stages = _read_json(out / PROVENANCE) or {}
+    if continues and stage in stages:
+        earlier = dict(stages[stage])
+        record["earlier"] = earlier.pop("earlier", []) + [earlier]
     write_atomic(out / PROVENANCE, json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
+
+
+def stage_pieces(out: Path, stage: str) -> list[dict]:
+    """Every process's provenance record for one stage of a run folder, the first first: one unless it was resumed."""
+    record = dict((_read_json(out / PROVENANCE) or {}).get(stage) or {})
+    return [*record.pop("earlier", []), record] if record else []
 
 
 def trained_by(model_path: str | None) -> tuple[Path, dict] | None:

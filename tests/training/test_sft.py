@@ -15,6 +15,7 @@ from gsmtune.allocator import KEPT
 from gsmtune.cli import CONFIGS, main
 from gsmtune.config import load_config
 from gsmtune.errors import GsmtuneError
+from gsmtune.runs import stage_pieces
 
 
 def make_trainer(cfg, tmp_path):
@@ -263,7 +264,15 @@ def test_sigkill_mid_training_then_resume(tiny_model_dir, train_dir, tmp_path):
         state = json.loads(state_file.read_text())
         state["stateful_callbacks"]["TrainClock"]["args"]["seconds"] = 3600.0
         state_file.write_text(json.dumps(state))
-    subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True)
+    prov = json.loads((out / "provenance.json").read_text())
+    here = prov["train"]["dtype"]
+    prov["train"]["dtype"] = other = {"bfloat16": "float32", "float32": "bfloat16"}[here]  # as if on another CPU
+    (out / "provenance.json").write_text(json.dumps(prov))
+    resumed = subprocess.run(cmd(out) + ["--resume"], check=True, capture_output=True, text=True)
+    assert f"trained in {other} until its checkpoint and goes on in {here}" in resumed.stderr
+    first, last = stage_pieces(out, "train")  # each piece's record is kept; a run in one piece has one
+    assert (first["dtype"], last["dtype"]) == (other, here) and len(stage_pieces(ref, "train")) == 1
+    assert "Trained in 2 pieces, resumed from checkpoints" in (out / "model" / "README.md").read_text()
     m, r = (json.loads((d / "train_metrics.json").read_text()) for d in (out, ref))
     assert m["global_step"] == r["global_step"] == steps and m["resumed_from"]
     assert m["train_runtime_seconds"] >= 3600 + m["last_piece_runtime_seconds"] / 2  # the killed piece's hour counts

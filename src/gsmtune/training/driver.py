@@ -11,7 +11,17 @@ from omegaconf import DictConfig
 
 from gsmtune.model_card import write_model_card
 from gsmtune.models import is_adapter, pick_device
-from gsmtune.runs import MERGED, MODEL, TRAIN_METRICS, prepare, write_atomic, write_provenance, write_training_data
+from gsmtune.runs import (
+    MERGED,
+    MODEL,
+    PROVENANCE,
+    TRAIN_METRICS,
+    prepare,
+    stage_pieces,
+    write_atomic,
+    write_provenance,
+    write_training_data,
+)
 from gsmtune.training.clock import TrainClock
 from gsmtune.training.common import (
     choose_runtime,
@@ -58,10 +68,15 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
     if resume and finished:
         say(f"{out} already holds a trained model; nothing to resume")
         return out / MODEL
-    if is_main_process():  # a resumed training records the process that finishes it
-        write_provenance(out, "train", str(device), "bfloat16" if bf16 else "float32", cfg.model.name)
-        write_training_data(out, [p.question for p in train_problems], cfg.model.name)
     checkpoint = latest_checkpoint(out) if resume else None
+    if is_main_process():  # a training resumed from a checkpoint keeps the records of the processes before this one
+        precision = "bfloat16" if bf16 else "float32"
+        before = {p.get("dtype") for p in stage_pieces(out, "train")} - {precision} if checkpoint else set()
+        if before:
+            say(f"{out} trained in {', '.join(sorted(map(str, before)))} until its checkpoint and goes on in {precision} "
+                f"on this machine: one model, two precisions ({PROVENANCE} records each piece)")
+        write_provenance(out, "train", str(device), precision, cfg.model.name, continues=checkpoint is not None)
+        write_training_data(out, [p.question for p in train_problems], cfg.model.name)
     recipe = importlib.import_module(f"gsmtune.training.{RECIPES[cfg.training.method]}")
     trainer, path = recipe.build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
     args, tokenizer = trainer.args, trainer.processing_class
