@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 from conftest import row, write_run
 
 from gsmtune.cli import main
-from gsmtune.runs import write_training_data
+from gsmtune.runs import write_provenance, write_training_data
 
 
 class Collect(HTMLParser):
@@ -43,7 +43,7 @@ def fixture_runs(root):
     (tuned_dir / "train_metrics.json").write_text(json.dumps(
         {"method": "lora", "loss_curve": [{"step": s, "loss": 2.0 / s} for s in range(1, 6)], "train_examples": 2,
          "epochs": 1.0, "tokens_seen": 12345, "train_runtime_seconds": 5400, "tokens_per_second": 2.5,
-         "peak_memory_gib": 3.25, "peak_memory_kind": "process peak RSS", "device": "cpu"}))
+         "peak_memory_gib": 3.25, "peak_memory_kind": "process peak RSS", "device": "cpu", "precision": "bf16"}))
     return base
 
 
@@ -62,10 +62,19 @@ def test_report_html_and_markdown(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert "| lora | main (local) | lora SFT | 90.0 |" in md and "report_files/accuracy.png" in md
     assert "| 20.0 [1] |" in md and "[1] gemma-2b-it, 100 problems" in md  # the reference beside ours, with its source
-    assert "| lora | lora | 2 | 1.00 | 12,345 | 1.50 | 2 | 3.2 (process peak RSS) | cpu |" in md
+    assert "| lora | lora | 2 | 1.00 | 12,345 | 1.50 | 2 | 3.2 (process peak RSS) | cpu, bf16 |" in md
     assert (tmp_path / "report_files" / "loss.png").exists()
     assert "**fixed**: problem 2" in md and "arithmetic" in md
     assert "Contamination warning**: 1 eval questions appear verbatim" in md and "and 1 more as near-duplicates" in md
+
+
+def test_a_training_resumed_in_another_precision_says_so_in_its_row(tmp_path):
+    fixture_runs(tmp_path / "runs")
+    lora = tmp_path / "runs" / "lora"
+    for dtype in ("bfloat16", "bfloat16", "float32"):  # three pieces: two on a bf16 CPU, the last on one without
+        write_provenance(lora, "train", "cpu", dtype, continues=True)
+    assert main(["report", str(lora), "-o", str(tmp_path / "r.html")]) == 0
+    assert "| 3.2 (process peak RSS) | cpu, bf16 then fp32 |" in (tmp_path / "r.md").read_text()
 
 
 def test_report_takes_several_folders_and_pairs_table_adjusts_for_its_size(tmp_path, capsys):

@@ -8,7 +8,7 @@ from itertools import combinations
 
 from gsmtune.arithmetic import safe_eval
 from gsmtune.gsm8k_format import ANNOTATION, CALCULATION, after_answer_line, normalize_question
-from gsmtune.runs import Run, question_hash
+from gsmtune.runs import Run, pieces, question_hash
 from gsmtune.stats import mcnemar_exact, paired_bootstrap_ci, wilson_ci
 
 CATEGORIES = ("no_answer", "hallucinated_continuation", "truncated", "arithmetic", "reasoning")
@@ -186,8 +186,16 @@ def training_rows(runs: list[Run]) -> list[dict]:
                      "epochs": t.get("epochs"), "tokens": t.get("tokens_seen"), "hours":
                      t["train_runtime_seconds"] / 3600 if t.get("train_runtime_seconds") else None,
                      "tokens_per_second": t.get("tokens_per_second"), "peak_gib": t.get("peak_memory_gib"),
-                     "peak_kind": t.get("peak_memory_kind"), "device": t.get("device")})
+                     "peak_kind": t.get("peak_memory_kind"), "device": t.get("device"), "precision": _precisions(r, t)})
     return rows
+
+
+def _precisions(run: Run, train_metrics: dict) -> str | None:
+    """The training's precision, piece by piece where a resumed training changed it (trained on another CPU)."""
+    short = {"bfloat16": "bf16", "float32": "fp32"}
+    seen = [short.get(p["dtype"], p["dtype"]) for p in pieces(run.provenance.get("train")) if p.get("dtype")]
+    changes = [d for i, d in enumerate(seen) if i == 0 or d != seen[i - 1]]
+    return " then ".join(changes) if len(changes) > 1 else train_metrics.get("precision")
 
 
 def changed_problems(base: Run, tuned: Run) -> dict[str, list[int]]:

@@ -55,12 +55,13 @@ def training_table(runs: list[Run]) -> str | None:
     """The cost of each trained run beside its accuracy; None when no run trained."""
     rows = [[r["run"], r["method"] or "", _num(r["examples"], ","), _num(r["epochs"], ".2f"), _num(r["tokens"], ","),
              _num(r["hours"], ".2f"), _num(r["tokens_per_second"], ".0f"),
-             f"{r['peak_gib']:.1f} ({r['peak_kind']})" if r["peak_gib"] is not None else "", r["device"] or ""]
+             f"{r['peak_gib']:.1f} ({r['peak_kind']})" if r["peak_gib"] is not None else "",
+             ", ".join(x for x in (r["device"], r["precision"]) if x)]
             for r in training_rows(runs)]
     if not rows:
         return None
-    return table(["run", "method", "examples", "epochs", "tokens trained", "hours", "tokens/s", "peak GiB", "device"],
-                 rows)
+    return table(["run", "method", "examples", "epochs", "tokens trained", "hours", "tokens/s", "peak GiB",
+                  "device, precision"], rows)
 
 
 def pairs_table(runs: list[Run]) -> str:

@@ -169,10 +169,14 @@ def write_provenance(out: Path, stage: str, device: str, dtype: str, model_path:
     write_atomic(out / PROVENANCE, json.dumps(stages | {"format": FORMAT, stage: record}, indent=2) + "\n")
 
 
-def stage_pieces(out: Path, stage: str) -> list[dict]:
-    """Every process's provenance record for one stage of a run folder, the first first: one unless it was resumed."""
-    record = dict((_read_json(out / PROVENANCE) or {}).get(stage) or {})
+def pieces(record: dict | None) -> list[dict]:
+    """Every process's record in one stage's provenance, the first first: one unless the stage was resumed."""
+    record = dict(record or {})
     return [*record.pop("earlier", []), record] if record else []
+
+
+def stage_pieces(out: Path, stage: str) -> list[dict]:
+    return pieces((_read_json(out / PROVENANCE) or {}).get(stage))
 
 
 def trained_by(model_path: str | None) -> tuple[Path, dict] | None:
