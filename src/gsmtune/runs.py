@@ -141,9 +141,8 @@ def cpu_name() -> str:
 
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):  # Linux: the first CPU's model name, family and model number
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
         if "model name" in fields:
             name = f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
     return f"{name}; bf16 {'native' if bf16_supported(torch.device('cpu')) else 'not native'}"
