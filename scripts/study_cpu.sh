@@ -2,14 +2,15 @@
 # The reference study at CPU scale (issue 12, RESULTS.md), every step resumable: run it again after an interruption
 # and each row continues from its checkpoint or predictions file; finished rows and trials are not redone.
 #   nohup scripts/study_cpu.sh ../shared/data/gsm8k > study.log 2>&1 &
-# Rows run in the order the study needs them: the tuned LoRA row, the full-SFT learning-rate grid (the longest chain
-# of rows waits on it), the trained rows, then the base rows (cheap, and nothing waits on them). The grid's winner
-# goes into cpu/full_main.yaml and cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there
-# until the grid's result (results/cpu/sweeps/full_main_lr/best.yaml) is applied.
-# Last, on the best trained row whose model is committed (test EM; ties: the first of lora_main, lora_socratic), the
-# issue's extra rows, each paired with it: calculator, self-consistency (k = 5), both, and GRPO (cpu/grpo_best).
-# Only adapters are committed (full models are 1 GB): a full row's extras would need its model re-trained on the machine
-# that runs them, and hours of them could not resume on another one.
+# Order: the tuned LoRA row and the full-SFT learning-rate grid (the grid's winner goes into cpu/full_main.yaml and
+# cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there until the grid's result,
+# results/cpu/sweeps/full_main_lr/best.yaml, is applied); then any training with checkpoints on this machine: they stay
+# where they were written (a full model's are 3 GB) and a later session may get another machine; then full SFT main
+# and LoRA socratic, the base rows, and the extra rows on the best trained row whose model is committed (test EM; ties:
+# the first of lora_main, lora_socratic): calculator, self-consistency (k = 5), both, each paired with it. These
+# evaluations resume from committed predictions on any machine. Last the trainings not begun (full SFT socratic, LoRA
+# main's seeds 43 and 44) and GRPO from the best row (cpu/grpo_best). Only adapters are committed (full models are
+# 1 GB): a full row's extras would need its model re-trained on the machine that runs them.
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
 cd "$(dirname "$0")/.."
@@ -28,6 +29,9 @@ step() {
     done
     failed+=("$*")
 }
+begun_here() {  # a training with a checkpoint on this machine and not finished
+    compgen -G "$1/checkpoints/checkpoint-*" > /dev/null && [ ! -f "$1/train_metrics.json" ]
+}
 
 step "$gsmtune" run cpu/lora_main "${D[@]}" --resume
 step "$gsmtune" sweep cpu/full_main_lr_grid --trials 3 "${D[@]}"
@@ -38,7 +42,13 @@ if [ "$chosen" != True ]; then
          "and cpu/full_socratic.yaml, then rerun" >&2
     exit 3
 fi
-for row in full_main lora_socratic full_socratic lora_main_seed43 lora_main_seed44; do
+trained=(full_main lora_socratic full_socratic lora_main_seed43 lora_main_seed44)
+for row in "${trained[@]}"; do
+    if begun_here "results/cpu/$row"; then
+        step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
+    fi
+done
+for row in full_main lora_socratic; do  # the best-row choice below needs both LoRA rows
     step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
 for row in one_shot_instruction zero_shot zero_shot_instruction one_shot; do
@@ -61,6 +71,9 @@ SC=(generation.num_samples=5 generation.temperature=0.7)
 step "$gsmtune" eval "${E[@]}" generation.calculator=true "output_dir=${R}_calculator" --resume
 step "$gsmtune" eval "${E[@]}" "${SC[@]}" "output_dir=${R}_sc5" --resume
 step "$gsmtune" eval "${E[@]}" "${SC[@]}" generation.calculator=true "output_dir=${R}_sc5_calculator" --resume
+for row in full_socratic lora_main_seed43 lora_main_seed44; do
+    step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
+done
 step "$gsmtune" run cpu/grpo_best "model.name=$R/model" "baseline_run=$R" "output_dir=${R}_grpo" "${D[@]}" --resume
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'study: failed after three tries, rerun to resume: %s\n' "${failed[@]}" >&2
