@@ -3,28 +3,78 @@
 Why by hand: TRL's fused head scores only answer positions where Triton runs (CUDA/XPU); elsewhere it scores every
 position, prompt and padding included, and runs its products in float32 (`trl/kernels/chunked_logprob.py`). On this
 project's CPU that was 44-47% of a LoRA step's time (BENCHMARKS.md), where bf16 products are 2-7x faster than float32
-ones, depending on the CPU. This
-module replaces only that kernel, where TRL would take its slow path; TRL's loss, metrics and everything else stay.
-The arithmetic is transformers' own loss: logits in the compute dtype, log-softmax in float32.
+ones, depending on the CPU. This module replaces only that kernel, where TRL would take its slow path; TRL's loss,
+metrics and everything else stay. The arithmetic is transformers' own loss: logits in the compute dtype, log-softmax
+in float32. The passes over the logits (262k columns a token for Gemma) go through `torch.compile`, which fuses them
+into two reads of the compute-dtype logits forward and one backward, where six float32 passes ran in eager torch.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+import warnings
+from collections.abc import Callable
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 from trl.trainer.utils import FusedCausalLMOutput
 
-TOKEN_CHUNK = 256  # answer tokens per tile: bounds the float32 temporaries to 256 x vocab x 4 bytes (0.25 GiB for Gemma)
+TOKEN_CHUNK = 256  # answer tokens per backward tile: bounds the logits' gradient to 256 x vocab in the compute dtype
 _SCALED = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling", "final_logit_softcapping")
 
 
-class _AnswerLogProbs(torch.autograd.Function):
-    """log p(target) per answer token, plus entropy and whether the target is the argmax (for TRL's metrics).
+def _wide(z: torch.Tensor) -> torch.Tensor:
+    """The logits in float32 (float64 stays float64)."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
 
-    Each tile costs one product in the compute dtype and a few fused passes over float32 logits (softmax, max, a row
-    dot); the softmax is kept for backward (N x vocab float32: 1 GiB per 1,000 answer tokens of Gemma).
+
+def _logit_stats(z: torch.Tensor, targets: torch.Tensor):
+    """Per row: log p(target), the entropy, whether the target attains the largest logit, and log-sum-exp."""
+    zf = _wide(z)
+    top = zf.amax(-1)
+    e = torch.exp(zf - top[:, None])
+    total = e.sum(-1)
+    lse = top + total.log()
+    picked = zf.gather(1, targets[:, None]).squeeze(1)
+    return picked - lse, lse - (e * zf).sum(-1) / total, picked == top, lse
+
+
+def _logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d(grad . log p(target)) / dz = grad * (onehot(target) - softmax(z)), in float32, returned in z's dtype."""
+    hit = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
+    return (grad[:, None] * (hit.to(lse.dtype) - torch.exp(_wide(z) - lse[:, None]))).to(z.dtype)
+
+
+class _Fused:
+    """`fn` compiled by torch.compile (a C++ kernel on CPU); `fn` itself, after one warning, where compiling fails (no
+    C++ compiler, an unsupported platform): the same numbers, more memory passes."""
+
+    broken = False  # shared: once one kernel fails to compile, every one runs eagerly
+
+    def __init__(self, fn: Callable):
+        self.eager, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if not _Fused.broken:
+            try:
+                return self.compiled(*args)
+            except BackendCompilerFailed as err:
+                _Fused.broken = True
+                reason = (str(err.inner_exception).splitlines() or [type(err.inner_exception).__name__])[0]
+                warnings.warn(f"gsmtune: the output layer's fused kernel did not compile ({reason}); running it in "
+                              "eager torch, slower (a C++ compiler, e.g. g++, fixes it)", stacklevel=2)
+        return self.eager(*args)
+
+
+logit_stats, logit_grad = _Fused(_logit_stats), _Fused(_logit_grad)
+
+
+class _AnswerLogProbs(torch.autograd.Function):
+    """log p(target) per answer token, plus entropy and whether the target is top-1 (for TRL's metrics).
+
+    The logits are kept for backward in the compute dtype (N x vocab: 0.5 GiB per 1,000 answer tokens of Gemma in
+    bf16) with one log-sum-exp per row; backward recomputes the softmax from them tile by tile.
     """
 
     @staticmethod
@@ -32,40 +82,28 @@ class _AnswerLogProbs(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):  # dtypes chosen here: bf16 product, float32 softmax and metrics
-            return _AnswerLogProbs._forward(ctx, hidden, weight, targets, dtype)
-
-    @staticmethod
-    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
-        h, w = hidden.to(dtype), weight.to(dtype)
-        n, vocab = h.shape[0], w.shape[0]
-        probs = torch.empty(n, vocab, dtype=torch.float32, device=h.device)
-        log_probs = torch.empty(n, dtype=torch.float32, device=h.device)
-        entropy, top1 = torch.empty_like(log_probs), torch.empty(n, dtype=torch.bool, device=h.device)
-        for s in range(0, n, TOKEN_CHUNK):
-            e = min(s + TOKEN_CHUNK, n)
-            z = (h[s:e] @ w.t()).float()
-            p = torch.softmax(z, dim=-1, out=probs[s:e])
-            p_max, best = p.max(-1)
-            lse = z.gather(1, best[:, None]).squeeze(1) - p_max.log()  # exact: the largest probability is >= 1/vocab
-            log_probs[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse
-            entropy[s:e] = lse - torch.linalg.vecdot(p, z)  # H = lse - sum p z
-            top1[s:e] = best == targets[s:e]
-        ctx.save_for_backward(h, w, targets, probs)
+            h, w = hidden.to(dtype), weight.to(dtype)
+            logits = h @ w.t()
+            if h.shape[0]:
+                log_probs, entropy, top1, lse = logit_stats(logits, targets)
+            else:  # an all-masked micro-batch: nothing to score (and no zero-size kernel to compile)
+                log_probs, entropy, lse = (logits.new_zeros(0, dtype=_wide(logits).dtype) for _ in range(3))
+                top1 = logits.new_zeros(0, dtype=torch.bool)
+        ctx.save_for_backward(h, w, targets, logits, lse)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(entropy, top1)
         return log_probs, entropy, top1
 
     @staticmethod
     def backward(ctx, grad_log_probs: torch.Tensor, *_):
-        h, w, targets, probs = ctx.saved_tensors
+        h, w, targets, logits, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_log_probs = grad_log_probs.to(lse.dtype)
         for s in range(0, h.shape[0], TOKEN_CHUNK):
             e = min(s + TOKEN_CHUNK, h.shape[0])
-            g = grad_log_probs[s:e, None]
-            # d log p(t) / dz = onehot(t) - softmax(z), times the incoming gradient; in place on the saved softmax
-            dz = probs[s:e].mul_(-g).scatter_add_(1, targets[s:e, None], g.contiguous()).to(h.dtype)
+            dz = logit_grad(logits[s:e], lse[s:e], targets[s:e], grad_log_probs[s:e])
             if need_h:
                 torch.mm(dz, w, out=grad_h[s:e])
             if need_w:
