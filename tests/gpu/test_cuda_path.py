@@ -111,4 +111,5 @@ def test_fsdp_accelerate_launch(tiny_model_dir, train_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["world_size"] == procs and m["global_step"] == 4
+    assert m["optimizer"] == "adamw_torch"  # 8-bit AdamW cannot update FSDP2's DTensors: the one-line fallback
     assert m["allocator"] != KEPT  # the CPU lever (mallopt) stays off in a CUDA process

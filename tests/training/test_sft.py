@@ -193,6 +193,23 @@ def test_gpu_without_bitsandbytes_names_the_extra(monkeypatch, capsys):
     assert 'needs bitsandbytes (pip install -e ".[gpu]"); using adamw_torch instead' in capsys.readouterr().err
 
 
+def test_fsdp2_gets_adamw_torch(monkeypatch, capsys):
+    """bitsandbytes' 8-bit AdamW cannot update FSDP2's sharded parameters (failed on an H200 in benchmarks/gpu_check.sh)."""
+    import importlib.util
+
+    from gsmtune.training.common import choose_runtime
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    cfg = load_config(None, ["training.optim=adamw_bnb_8bit", "training.bf16=false"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert choose_runtime(cfg.training, torch.device("cuda"))[0] == "adamw_bnb_8bit"
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert choose_runtime(cfg.training, torch.device("cuda"))[0] == "adamw_torch"
+    assert "needs unsharded parameters (its kernels take no FSDP2 DTensor); using adamw_torch" in capsys.readouterr().err
+
+
 def test_qlora_needs_cuda(tiny_model_dir, train_dir, tmp_path, capsys):
     assert main(["train", "base", *overrides(tiny_model_dir, train_dir, tmp_path / "q", "training.method=qlora")]) == 2
     assert "training.method=qlora needs CUDA" in capsys.readouterr().err

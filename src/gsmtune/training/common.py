@@ -28,6 +28,12 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def fsdp2() -> bool:
+    """Launched by `accelerate launch` with an FSDP2 config (accelerate's own environment flags)."""
+    flag = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    return flag and os.environ.get("FSDP_VERSION") == "2"
+
+
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
@@ -43,6 +49,8 @@ def choose_runtime(t: DictConfig, device: torch.device) -> tuple[str, bool]:
         missing = None if device.type == "cuda" else "CUDA"
         if missing is None and importlib.util.find_spec("bitsandbytes") is None:
             missing = "bitsandbytes (pip install -e \".[gpu]\")"
+        if missing is None and fsdp2():  # seen on an H200: its kernels take no DTensor ("no sharding strategy registered")
+            missing = "unsharded parameters (its kernels take no FSDP2 DTensor)"
         if missing:
             say(f"training.optim={optim} needs {missing}; using adamw_torch instead")
             optim = "adamw_torch"
