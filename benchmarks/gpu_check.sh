@@ -5,14 +5,14 @@
 #
 #   bash benchmarks/gpu_check.sh [LOG]        # LOG defaults to $OUT/gpu_check.log, else ./gpu_check.log
 #
-# The machine this was written for has torch 2.11, transformers 5.17, peft and accelerate, and no trl, datasets,
-# omegaconf or bitsandbytes. Build .whl/ on a machine with network (57 MiB: the device carries 64 MiB with the repo;
-# keep untracked run folders out of the working tree when you send it):
+# The machine it ran on (an H200, 2026-12-04: RESULTS.md, "GPU") has torch 2.11, transformers 5.17, peft and
+# accelerate, and no trl, datasets, omegaconf or bitsandbytes. Build .whl/ on a machine with network (57 MiB: the device
+# carries 64 MiB with the repo; keep results/ and other large files out of the working tree when you send it):
 #
 #   P="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform any"
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .whl \
-#       transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill multiprocess omegaconf==2.3.0 bitsandbytes
-#   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3      # omegaconf's parser: an sdist only
+#       transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 omegaconf==2.4.0 \
+#       peft==0.21.2 bitsandbytes
 #
 # vLLM cannot travel (gigabytes), so GRPO's vLLM rollout path stays untested here; GRPO runs with transformers' generate.
 set -uo pipefail
