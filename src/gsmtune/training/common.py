@@ -29,9 +29,10 @@ def is_main_process() -> bool:
 
 
 def fsdp2() -> bool:
-    """Launched by `accelerate launch` with an FSDP2 config (accelerate's own environment flags)."""
-    flag = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
-    return flag and os.environ.get("FSDP_VERSION") == "2"
+    """Launched by `accelerate launch` with an FSDP2 config (accelerate's own environment flags, read its way)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION") == "2"
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
