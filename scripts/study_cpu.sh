@@ -6,10 +6,10 @@
 # cpu/full_socratic.yaml by hand, as the LoRA grid's did, so the script stops there until the grid's result,
 # results/cpu/sweeps/full_main_lr/best.yaml, is applied); then any training with checkpoints on this machine: they stay
 # where they were written (a full model's are 3 GB) and a later session may get another machine; then full SFT main
-# and LoRA socratic, the base rows, and the extra rows on the best trained row whose model is committed (test EM; ties:
-# the first of lora_main, lora_socratic): calculator, self-consistency (k = 5), both, each paired with it. These
-# evaluations resume from committed predictions on any machine. Last the trainings not begun (full SFT socratic, LoRA
-# main's seeds 43 and 44) and GRPO from the best row (cpu/grpo_best). Only adapters are committed (full models are
+# and LoRA socratic and full SFT socratic (it needs one machine for its whole run), the base rows, and the extra rows on
+# the best trained row whose model is committed (test EM; ties: the first of lora_main, lora_socratic): calculator,
+# self-consistency (k = 5), both, each paired with it. These evaluations resume from committed predictions on any
+# machine. Last the trainings not begun (LoRA main's seeds 43 and 44) and GRPO from the best row (cpu/grpo_best). Only adapters are committed (full models are
 # 1 GB): a full row's extras would need its model re-trained on the machine that runs them.
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
@@ -48,7 +48,9 @@ for row in "${trained[@]}"; do
         step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
     fi
 done
-for row in full_main lora_socratic; do  # the best-row choice below needs both LoRA rows
+# full SFT socratic before the extras: its checkpoints (3 GB) stay on the machine that writes them, so it needs one
+# session's machine for its whole ~2.2 h (BENCHMARKS.md, 2026-12-04 evening); the extras resume on any machine
+for row in full_main lora_socratic full_socratic; do  # the best-row choice below needs both LoRA rows
     step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
 for row in one_shot_instruction zero_shot zero_shot_instruction one_shot; do
@@ -71,7 +73,7 @@ SC=(generation.num_samples=5 generation.temperature=0.7)
 step "$gsmtune" eval "${E[@]}" generation.calculator=true "output_dir=${R}_calculator" --resume
 step "$gsmtune" eval "${E[@]}" "${SC[@]}" "output_dir=${R}_sc5" --resume
 step "$gsmtune" eval "${E[@]}" "${SC[@]}" generation.calculator=true "output_dir=${R}_sc5_calculator" --resume
-for row in full_socratic lora_main_seed43 lora_main_seed44; do
+for row in lora_main_seed43 lora_main_seed44; do
     step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
 step "$gsmtune" run cpu/grpo_best "model.name=$R/model" "baseline_run=$R" "output_dir=${R}_grpo" "${D[@]}" --resume

@@ -112,3 +112,13 @@ def test_all_masked_micro_batch_has_zero_gradient():
     assert log_probs.shape == entropy.shape == top1.shape == (0,)
     log_probs.sum().backward()
     assert hidden.grad.shape == (0, 8)
+
+
+def test_second_backward_of_the_weight_is_refused():
+    """Full fine-tuning's backward overwrites the saved logits with their gradient: a retained graph must not reuse them."""
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    log_probs, _, _ = answer_head._AnswerLogProbs.apply(hidden, weight, torch.tensor([1, 2, 3, 4]))
+    log_probs.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        log_probs.sum().backward()

@@ -90,16 +90,17 @@ class _AnswerLogProbs(torch.autograd.Function):
                 log_probs, entropy, lse = (logits.new_zeros(0, dtype=_wide(logits).dtype) for _ in range(3))
                 top1 = logits.new_zeros(0, dtype=torch.bool)
         ctx.save_for_backward(h, w, targets, logits, lse)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.dtypes, ctx.consumed = (hidden.dtype, weight.dtype), False
         ctx.mark_non_differentiable(entropy, top1)
         return log_probs, entropy, top1
 
     @staticmethod
     def backward(ctx, grad_log_probs: torch.Tensor, *_):
+        if ctx.consumed:  # the weight's gradient overwrites the saved logits: a second backward would read garbage
+            raise RuntimeError("gsmtune's answer head supports one backward per forward (no retain_graph)")
         h, w, targets, logits, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_log_probs = grad_log_probs.to(lse.dtype)
         for s in range(0, h.shape[0], TOKEN_CHUNK):
             e = min(s + TOKEN_CHUNK, h.shape[0])
@@ -107,8 +108,12 @@ class _AnswerLogProbs(torch.autograd.Function):
             if need_h:
                 torch.mm(dz, w, out=grad_h[s:e])
             if need_w:
-                grad_w += (dz.t() @ h[s:e]).float()  # the product in the compute dtype, summed over tiles in float32
-        return (grad_h.to(ctx.dtypes[0]) if need_h else None, grad_w.to(ctx.dtypes[1]) if need_w else None, None)
+                logits[s:e] = dz  # the tile's logits are read for the last time: keep its gradient in their place
+        ctx.consumed = need_w
+        # full fine-tuning: one product over every answer token (the compute dtype, accumulated inside the kernel), where
+        # a float32 sum over tiles made four passes over a vocab x hidden tensor per tile (0.7 GB each for Gemma)
+        grad_w = (logits.t() @ h).to(ctx.dtypes[1]) if need_w else None
+        return (grad_h.to(ctx.dtypes[0]) if need_h else None, grad_w, None)
 
 
 def needs_answer_head(device: torch.device) -> bool:
