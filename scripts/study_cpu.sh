@@ -9,8 +9,9 @@
 # and LoRA socratic and full SFT socratic (it needs one machine for its whole run), the base rows, and the extra rows on
 # the best trained row whose model is committed (test EM; ties: the first of lora_main, lora_socratic): calculator,
 # self-consistency (k = 5), both, each paired with it. These evaluations resume from committed predictions on any
-# machine. Last the trainings not begun (LoRA main's seeds 43 and 44) and GRPO from the best row (cpu/grpo_best). Only adapters are committed (full models are
-# 1 GB): a full row's extras would need its model re-trained on the machine that runs them.
+# machine. Last the trainings not begun (LoRA main's seeds 43 and 44) and GRPO from the best row (cpu/grpo_best). Only
+# adapters are committed (full models are 1 GB): a full row's extras would need its model re-trained on the machine
+# that runs them.
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
 cd "$(dirname "$0")/.."
@@ -49,7 +50,7 @@ for row in "${trained[@]}"; do
     fi
 done
 # full SFT socratic before the extras: its checkpoints (3 GB) stay on the machine that writes them, so it needs one
-# session's machine for its whole ~2.2 h (BENCHMARKS.md, 2026-12-04 evening); the extras resume on any machine
+# session's machine for its whole ~2 h at 222 tokens/s (BENCHMARKS.md, 2026-12-04 evening); the extras resume on any machine
 for row in full_main lora_socratic full_socratic; do  # the best-row choice below needs both LoRA rows
     step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
