@@ -42,3 +42,9 @@ def test_no_forecast_without_tokens():
 @pytest.mark.parametrize(("seconds", "text"), [(30, "1 min"), (3 * 3600 + 20 * 60, "3 h 20 min")])
 def test_duration(seconds, text):
     assert forecast.duration(seconds) == text
+
+
+def test_forecast_again_a_tenth_of_the_way_in():
+    said = run(steps=30, max_steps=100, total_tokens=10_000, seconds=(30,) + (10,) * 29)
+    assert len(said) == 2
+    assert "measured over steps 2-3," in said[0] and "measured over steps 2-11," in said[1]  # step 1 + 100 // 10
