@@ -9,9 +9,9 @@
 # and LoRA socratic and full SFT socratic (it needs one machine for its whole run), the base rows, and the extra rows on
 # the best trained row whose model is committed (test EM; ties: the first of lora_main, lora_socratic): calculator,
 # self-consistency (k = 5), both, each paired with it. These evaluations resume from committed predictions on any
-# machine. Last the trainings not begun (LoRA main's seeds 43 and 44) and GRPO from the best row (cpu/grpo_best). Only
-# adapters are committed (full models are 1 GB): a full row's extras would need its model re-trained on the machine
-# that runs them.
+# machine. Last the trainings not begun (LoRA main's seeds 43 and 44) and GRPO (cpu/grpo_best) from the best row whose
+# model is on this machine, full rows included. Only adapters are committed (full models are 1 GB): a full row's extras
+# need its model re-trained on the machine that runs them.
 set -euo pipefail
 data=$(realpath "${1:?usage: scripts/study_cpu.sh GSM8K_FOLDER}")
 cd "$(dirname "$0")/.."
@@ -77,7 +77,14 @@ step "$gsmtune" eval "${E[@]}" "${SC[@]}" generation.calculator=true "output_dir
 for row in lora_main_seed43 lora_main_seed44; do
     step "$gsmtune" run "cpu/$row" "${D[@]}" --resume
 done
-step "$gsmtune" run cpu/grpo_best "model.name=$R/model" "baseline_run=$R" "output_dir=${R}_grpo" "${D[@]}" --resume
+# GRPO from the best SFT row whose model is on this machine (full models are not committed: a full row counts only where
+# it was trained), on that row's training variant
+G=results/cpu/$("$python" -c "import json, os
+rows = [r for r in ('full_main', 'full_socratic', 'lora_main', 'lora_socratic') if os.path.isdir(f'results/cpu/{r}/model')]
+print(max(rows, key=lambda r: json.load(open(f'results/cpu/{r}/metrics.json'))['accuracy']))")
+variant=$("$python" -c "from gsmtune.config import load_config as c; print(c('$G/config.yaml').dataset.config_name)")
+step "$gsmtune" run cpu/grpo_best "model.name=$G/model" "baseline_run=$G" "output_dir=${G}_grpo" \
+    "dataset.config_name=$variant" "${D[@]}" --resume
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'study: failed after three tries, rerun to resume: %s\n' "${failed[@]}" >&2
     exit 1
