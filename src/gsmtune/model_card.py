@@ -61,6 +61,16 @@ def _pieces(run: Path) -> str:
         f"{p.get('cpu') or p.get('device', '?')}" for p in pieces) + "."
 
 
+def _objective(t: dict) -> str:
+    """What the loss was on: SFT scores the gold answer tokens, GRPO rewards sampled completions."""
+    if t["method"] != "grpo":
+        return "loss on answer tokens only"
+    g = t["grpo"]
+    return (f"GRPO: {g['num_generations']} completions per prompt sampled at temperature {g['temperature']}, up to "
+            f"{g['max_completion_length']} tokens, rewarded {g['correct_weight']} for the right final number and "
+            f"{g['format_weight']} for a `#### <number>` line, KL weight {g['beta']}")
+
+
 def model_card(run: Path) -> str:
     """The card's text, from RUN/config.yaml, train_metrics.json, metrics.json (if evaluated) and provenance.json."""
     cfg = OmegaConf.to_container(OmegaConf.load(run / CONFIG), resolve=True)
@@ -96,14 +106,15 @@ def model_card(run: Path) -> str:
         + "".join(f", {k} {v}" for k, v in t["lr_scheduler_kwargs"].items()) + "), "
         f"{t['num_train_epochs']} epoch(s), batch {t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']}, "
         f"max_length {t['max_length']}" + (f", LoRA r={t['lora']['r']} alpha={t['lora']['alpha']}" if adapter else "")
-        + f"; loss on answer tokens only. Optimizer {train.get('optimizer', t['optim'])}, "
+        + f"; {_objective(t)}. Optimizer {train.get('optimizer', t['optim'])}, "
         f"{train.get('precision', '?')}, on {train.get('device', '?')}.",
     ]
     if train:
         seconds = train.get("train_runtime_seconds")
         lines += ["", f"{train['global_step']} steps, {train.get('tokens_seen') or 0:,} tokens, "
                   + (f"{seconds / 3600:.1f} h of training, " if seconds else "")
-                  + f"{train.get('tokens_per_second') or 0:.0f} tokens/s; final loss {train.get('final_loss') or float('nan'):.3f}"
+                  + f"{train.get('tokens_per_second') or 0:.0f} tokens/s; final loss "
+                  + ("n/a" if train.get("final_loss") is None else f"{train['final_loss']:.3f}")
                   + (f", validation loss {train['eval_loss_curve'][-1]['eval_loss']:.3f}" if train.get("eval_loss_curve")
                      else "") + f". Full curves: `{TRAIN_METRICS}`."]
     lines += ["", "## Results", "", *_results(_read_json(run / METRICS), run), "",

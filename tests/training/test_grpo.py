@@ -27,6 +27,9 @@ def test_grpo_steps_on_tiny_model_log_rewards(tiny_model_dir, train_dir, tmp_pat
     assert [p["step"] for p in m["reward_curve"]] == [1, 2]
     assert all({"reward", "rewards/correctness_reward/mean", "frac_reward_zero_std"} <= set(p) for p in m["reward_curve"])
     assert (out / "model" / "adapter_model.safetensors").exists()
+    card = (out / "model" / "README.md").read_text()  # says what GRPO optimised; a loss of 0.0 (no signal) is 0.000
+    assert "GRPO: 2 completions per prompt" in card and "answer tokens only" not in card
+    assert f"final loss {m['final_loss']:.3f}" in card
 
 
 def test_grpo_continues_an_sft_adapter(tiny_model_dir, train_dir, tmp_path):
