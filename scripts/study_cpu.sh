@@ -79,8 +79,9 @@ for row in lora_main_seed43 lora_main_seed44; do
 done
 # GRPO from the best SFT row whose model is on this machine (full models are not committed: a full row counts only where
 # it was trained), on that row's training variant
-G=results/cpu/$("$python" -c "import json, os
-rows = [r for r in ('full_main', 'full_socratic', 'lora_main', 'lora_socratic') if os.path.isdir(f'results/cpu/{r}/model')]
+# (a committed full row's model/ folder holds its card and config, not its weights: the weights decide)
+G=results/cpu/$("$python" -c "import glob, json
+rows = [r for r in ('full_main', 'full_socratic', 'lora_main', 'lora_socratic') if glob.glob(f'results/cpu/{r}/model/*.safetensors')]
 print(max(rows, key=lambda r: json.load(open(f'results/cpu/{r}/metrics.json'))['accuracy']))")
 variant=$("$python" -c "from gsmtune.config import load_config as c; print(c('$G/config.yaml').dataset.config_name)")
 step "$gsmtune" run cpu/grpo_best "model.name=$G/model" "baseline_run=$G" "output_dir=${G}_grpo" \
