@@ -14,6 +14,7 @@ from gsmtune.errors import GsmtuneError
 from gsmtune.models import is_adapter, load_weights, resolve_model_path
 from gsmtune.prompts import build_prompt
 from gsmtune.training.common import peft_config, trainer_args, training_attention
+from gsmtune.training.lora_dropout import use_word_mask_dropout
 from gsmtune.training.rewards import correctness_reward, format_reward
 from gsmtune.training.rollout import decode_loop_rollout
 
@@ -58,6 +59,8 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
                                   rollout_func=rollout)
     except ValueError as e:  # e.g. a batch size that num_generations does not divide
         raise GsmtuneError(f"GRPO settings rejected: {str(e).splitlines()[0]}") from e
+    if device.type == "cpu":
+        use_word_mask_dropout(trainer.model)
     return trainer, path
 
 

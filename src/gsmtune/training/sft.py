@@ -78,12 +78,16 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
 
     from gsmtune.training.answer_head import needs_answer_head, use_answer_head
     from gsmtune.training.forecast import DurationForecast
+    from gsmtune.training.lora_dropout import use_word_mask_dropout
+    from gsmtune.training.packed_attention import use_packed_attention
     from gsmtune.training.sft_data import sft_rows
 
     model, tokenizer, path = load_for_training(cfg, device, bf16)
+    args = sft_config(cfg, out, optim, bf16, device, bool(val_problems), model.config.model_type)
+    if args.padding_free:
+        use_packed_attention(model)
     train_ds = Dataset.from_list(sft_rows(train_problems, cfg, tokenizer))
     val_ds = Dataset.from_list(sft_rows(val_problems, cfg, tokenizer)) if val_problems else None
-    args = sft_config(cfg, out, optim, bf16, device, val_ds is not None, model.config.model_type)
     patience = cfg.training.early_stopping_patience
     callbacks = [EarlyStoppingCallback(patience)] if (val_ds is not None and patience) else []
     callbacks.append(DurationForecast(sum(map(len, train_ds["input_ids"])), say))
@@ -91,4 +95,6 @@ def build_trainer(cfg: DictConfig, out: Path, train_problems: list, val_problems
                          peft_config=None if is_adapter(path) else peft_config(cfg), callbacks=callbacks)
     if cfg.training.answer_head and needs_answer_head(device):
         use_answer_head(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
+    if device.type == "cpu":
+        use_word_mask_dropout(trainer.model)
     return trainer, path

@@ -1,0 +1,57 @@
+"""Packed rows attend one row at a time: the same logits as each row alone, sliding windows included."""
+
+import pytest
+import torch
+from conftest import overrides, sliding_model
+
+from gsmtune.cli import main
+from gsmtune.training import packed_attention
+from gsmtune.training.packed_attention import NAME, use_packed_attention
+
+
+@pytest.mark.parametrize("boundaries", ["position_ids", "cu_seq_lens_q"])
+def test_packed_rows_match_rows_alone(tiny_tokenizer, monkeypatch, boundaries):
+    model = sliding_model(tiny_tokenizer, seed=3).float()  # window 6 on layer 0: rows of 9 and 12 outgrow it
+    torch.manual_seed(0)
+    rows = [torch.randint(3, len(tiny_tokenizer), (n,)) for n in (9, 4, 12, 2)]
+    with torch.no_grad():
+        alone = torch.cat([model(r[None]).logits[0] for r in rows])
+        assert use_packed_attention(model) and model.config._attn_implementation == NAME
+        calls = []
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, _sdpa=torch.nn.functional.scaled_dot_product_attention, **k: calls.append(
+                                a[0].shape[2]) or _sdpa(*a, **k))
+        positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+        extra = {}
+        if boundaries == "cu_seq_lens_q":
+            extra = {"cu_seq_lens_q": torch.tensor([0, 9, 13, 25, 27], dtype=torch.int32)}
+        packed = model(torch.cat(rows)[None], position_ids=positions, **extra).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    assert calls == [9, 4, 12, 2] * 2  # one call per row and layer, none over the whole micro-batch
+
+
+def test_anything_but_a_packed_row_is_plain_sdpa(tiny_tokenizer, monkeypatch):
+    model = sliding_model(tiny_tokenizer, seed=3).float()
+    ids = torch.randint(3, len(tiny_tokenizer), (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded batch: transformers' own mask and SDPA call
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+        use_packed_attention(model)
+        monkeypatch.setattr(packed_attention, "_window_mask", None)  # the per-row path would call it: it must not run
+        after = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_other_attention_is_left_alone(tiny_tokenizer):
+    model = sliding_model(tiny_tokenizer, seed=3)
+    model.set_attn_implementation("eager")
+    assert not use_packed_attention(model) and model.config._attn_implementation == "eager"
+
+
+def test_trained_full_model_loads_with_the_default_attention(tiny_model_dir, train_dir, tmp_path):
+    """Padding-free training switches the attention; the saved model must not ask for it (a fresh process lacks it)."""
+    out = tmp_path / "full"
+    assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, "training.method=full",
+                                             "training.padding_free=true", "training.max_steps=1")]) == 0
+    assert NAME not in (out / "model" / "config.json").read_text()
