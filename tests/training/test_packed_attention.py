@@ -43,6 +43,26 @@ def test_anything_but_a_packed_row_is_plain_sdpa(tiny_tokenizer, monkeypatch):
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["softcap", "position_bias", "is_causal", "module_not_causal"])
+def test_attention_other_than_plain_causal_is_left_to_transformers(monkeypatch, case):
+    """A packed row of soft-capped, biased or bidirectional attention must not be computed as plain causal."""
+    from transformers.integrations import sdpa_attention
+
+    calls = []
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: calls.append(k) or ("theirs", None))
+    module = torch.nn.Module()
+    module.is_causal = case != "module_not_causal"
+    kwargs = {"softcap": {"softcap": 50.0}, "position_bias": {"position_bias": torch.zeros(1)},
+              "is_causal": {"is_causal": False}}.get(case, {})
+    q = torch.randn(1, 2, 6, 4)
+    bounds = torch.tensor([0, 2, 6], dtype=torch.int32)
+    assert packed_attention.packed_sdpa(module, q, q, q, None, cu_seq_lens_q=bounds, **kwargs)[0] == "theirs"
+    assert len(calls) == 1
+    module.is_causal = True  # the same call as plain causal attention is computed row by row
+    assert packed_attention.packed_sdpa(module, q, q, q, None, cu_seq_lens_q=bounds)[0].shape == (1, 6, 2, 4)
+    assert len(calls) == 1
+
+
 def test_other_attention_is_left_alone(tiny_tokenizer):
     model = sliding_model(tiny_tokenizer, seed=3)
     model.set_attn_implementation("eager")
@@ -55,3 +75,6 @@ def test_trained_full_model_loads_with_the_default_attention(tiny_model_dir, tra
     assert main(["train", "base", *overrides(tiny_model_dir, train_dir, out, "training.method=full",
                                              "training.padding_free=true", "training.max_steps=1")]) == 0
     assert NAME not in (out / "model" / "config.json").read_text()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config._attn_implementation == "sdpa"

@@ -47,10 +47,13 @@ def _heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                 sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature; anything but a packed row goes to its own SDPA function unchanged."""
+    """transformers' attention-function signature; anything but a packed row of plain causal attention (soft-capped,
+    bidirectional or biased attention included) goes to its own SDPA function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = _row_bounds(query, key, kwargs)
+    plain_causal = (kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+                    and kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    bounds = _row_bounds(query, key, kwargs) if plain_causal else None
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
