@@ -29,7 +29,7 @@ GROUPS = [  # (label, caller names that claim every op below them)
 KINDS = [  # (label, op names), for ops no group claims
     ("other matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "aten::baddbmm")),
     ("attention kernels", ("scaled_dot_product",)),
-    ("dropout random masks", ("aten::bernoulli_",)),
+    ("dropout random masks", ("aten::bernoulli_", "aten::random_")),  # torch's dropout; gsmtune's word masks
     ("dtype casts / copies", ("aten::copy_",)),
 ]
 
