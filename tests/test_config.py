@@ -115,6 +115,15 @@ def test_study_rows_are_committed_the_way_the_study_says(path):
     assert len(STUDY_ROWS) == 12  # four base rows, four trained rows, two more LoRA main seeds, two GRPO rows
 
 
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name == "gemma-2b-it"], ids=lambda p: p.stem)
+def test_reference_study_rows_cut_nothing(path):
+    """The GPU rows (google/gemma-2b-it): >= 512 new tokens and no training row cut, as the CPU rows."""
+    cfg = load_config(path)
+    assert cfg.generation.max_new_tokens >= 512
+    if path.stem.startswith(("full_", "lora_")):
+        assert cfg.training.max_length >= LONGEST_TRAIN_ROW[cfg.dataset.config_name]
+
+
 def test_unparsable_override_is_one_line():
     with pytest.raises(GsmtuneError, match="dataset.prompt_format in the command line was read as a mapping; quote") as e:
         load_config(None, ["dataset.prompt_format=Q: {question}"])
