@@ -62,15 +62,19 @@ def test_resume_after_interruption_loses_nothing(run_args, tmp_path, sampling):
     assert {f: (run / f).read_text() for f in kept} == kept
 
 
-def test_float32_completions_do_not_depend_on_the_batch(run_args, tmp_path):
-    """The mode the study commits: each problem's completion is the same decoded alone or beside others."""
+def test_float32_completions_do_not_depend_on_the_batch(run_args, gsm_dir, tmp_path):
+    """The mode the study commits: each problem's completion is the same decoded alone or in a batch of 32 (36
+    problems, so the loop also runs full batches and lets waiting prompts join)."""
+    rows = [json.loads(line) for line in (gsm_dir / "test.jsonl").read_text().splitlines()]
+    many = [{"question": f"{r['question']} Case {i}.", "answer": r["answer"]} for i in range(6) for r in rows]
+    (gsm_dir / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
     longer = [a for a in run_args if not a.startswith(("generation.max_new_tokens", "output_dir"))] + [
         "generation.max_new_tokens=24", "model.dtype=float32"]
     assert main(longer + [f"output_dir={tmp_path / 'alone'}", "generation.batch_size=1"]) == 0
-    assert main(longer + [f"output_dir={tmp_path / 'together'}", "generation.batch_size=6"]) == 0
+    assert main(longer + [f"output_dir={tmp_path / 'together'}", "generation.batch_size=32"]) == 0
     alone, together = ({r["index"]: r["completion"] for r in read_rows(tmp_path / d / PREDICTIONS)}
                        for d in ("alone", "together"))
-    assert alone == together and len(alone) == 6
+    assert alone == together and len(alone) == 36
     assert len({len(c) for c in alone.values()}) > 1  # rows of different lengths: the batch really changed shape
 
 
