@@ -110,6 +110,15 @@ def test_fingerprint_hashes_exact_and_number_normalised_questions():
     assert question_hash("Tom has 3 apples.") in f["exact"] and "Tom" not in json.dumps(f)
 
 
+def test_fingerprint_tells_main_from_socratic_solutions():
+    """The same questions with other solutions (GSM8K main vs socratic) give another digest; order does not matter."""
+    questions = ["Tom has 3 apples.", "Ann has 2 pears."]
+    main = fingerprint(questions, ["3 + 0 = 3\n#### 3", "#### 2"])
+    socratic = fingerprint(questions, ["How many? ** 3 + 0 = 3\n#### 3", "#### 2"])
+    assert main["exact"] == socratic["exact"] and main["examples_sha256"] != socratic["examples_sha256"]
+    assert fingerprint(questions[::-1], ["#### 2", "3 + 0 = 3\n#### 3"])["examples_sha256"] == main["examples_sha256"]
+
+
 def test_training_data_includes_the_training_its_model_started_from(tmp_path):
     """GRPO on an SFT adapter saw both runs' questions."""
     sft = tmp_path / "sft"

@@ -7,7 +7,8 @@
     RUN/predictions.jsonl    one scored problem per line, appended as problems finish (an interrupted eval resumes)
     RUN/metrics.json         written last by evaluation
     RUN/train_metrics.json   written last by training
-    RUN/training_data.json   a hash of every training question, exact and number-normalised (contamination checks)
+    RUN/training_data.json   a hash of every training question, exact and number-normalised (contamination checks),
+                             and one digest of the (question, solution) set
     RUN/model/               the trained weights: a LoRA adapter or a full model folder
     RUN/merged/              the adapter folded into its base (training.merge=true)
     RUN/checkpoints/         the trainer's checkpoints (`--resume`)
@@ -194,17 +195,23 @@ def question_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def fingerprint(questions: list[str]) -> dict:
-    """Hashes of each question, exact (stripped) and number-normalised; sorted, so the file says nothing of order."""
-    return {"questions": len(questions), "hash": "sha256[:16]",
-            "exact": sorted({question_hash(q.strip()) for q in questions}),
-            "normalized": sorted({question_hash(normalize_question(q)) for q in questions})}
+def fingerprint(questions: list[str], solutions: list[str] | None = None) -> dict:
+    """Hashes of each question, exact (stripped) and number-normalised; sorted, so the file says nothing of order.
+    With the solutions, one digest of the (question, solution) set too: main and socratic share their questions."""
+    record = {"questions": len(questions), "hash": "sha256[:16]",
+              "exact": sorted({question_hash(q.strip()) for q in questions}),
+              "normalized": sorted({question_hash(normalize_question(q)) for q in questions})}
+    if solutions is not None:
+        pairs = sorted(question_hash(f"{q}\n{a}") for q, a in zip(questions, solutions, strict=True))
+        record["examples_sha256"] = hashlib.sha256("".join(pairs).encode()).hexdigest()
+    return record
 
 
-def write_training_data(out: Path, questions: list[str], model_path: str | None = None) -> None:
+def write_training_data(out: Path, questions: list[str], model_path: str | None = None,
+                        solutions: list[str] | None = None) -> None:
     """The hashes of this run's training questions, plus those of the gsmtune training its model started from (GRPO
     on an SFT adapter saw both sets)."""
-    record = fingerprint(questions)
+    record = fingerprint(questions, solutions)
     trained = trained_by(model_path)
     earlier = _read_json(trained[0] / TRAINING_DATA) if trained is not None else None
     if earlier:

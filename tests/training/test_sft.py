@@ -63,6 +63,8 @@ def test_training_reduces_loss(tiny_model_dir, train_dir, tmp_path, method):
     assert m["trainable_parameters"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory_gib"] > 0
     files = {p.name for p in (out / "model").iterdir()}
     assert ("adapter_model.safetensors" if method == "lora" else "model.safetensors") in files
+    data = json.loads((out / "training_data.json").read_text())  # the trained rows' questions and solutions
+    assert data["questions"] == 24 and len(data["examples_sha256"]) == 64
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

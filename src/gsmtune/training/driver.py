@@ -76,7 +76,8 @@ def run_train(cfg: DictConfig, resume: bool = False, overwrite: bool = False) ->
             say(f"{out} trained in {', '.join(sorted(map(str, before)))} until its checkpoint and goes on in {precision} "
                 f"on this machine: one model, two precisions ({PROVENANCE} records each piece)")
         write_provenance(out, "train", str(device), precision, cfg.model.name, continues=checkpoint is not None)
-        write_training_data(out, [p.question for p in train_problems], cfg.model.name)
+        write_training_data(out, [p.question for p in train_problems], cfg.model.name,
+                            [p.answer for p in train_problems])
     recipe = importlib.import_module(f"gsmtune.training.{RECIPES[cfg.training.method]}")
     trainer, path = recipe.build_trainer(cfg, out, train_problems, val_problems, device, optim, bf16)
     args, tokenizer = trainer.args, trainer.processing_class
