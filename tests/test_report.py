@@ -42,7 +42,7 @@ def fixture_runs(root):
     write_training_data(tuned_dir, ["q3", "Tom has 5 apples"])  # eval question 3 verbatim, question 4 with other numbers
     (tuned_dir / "train_metrics.json").write_text(json.dumps(
         {"method": "lora", "loss_curve": [{"step": s, "loss": 2.0 / s} for s in range(1, 6)], "train_examples": 2,
-         "epochs": 1.0, "tokens_seen": 12345, "train_runtime_seconds": 5400, "tokens_per_second": 2.5,
+         "epochs": 1.0, "tokens_seen": 12345, "train_runtime_seconds": 5400, "tokens_per_second": 7.5,  # the last piece's
          "peak_memory_gib": 3.25, "peak_memory_kind": "process peak RSS", "device": "cpu", "precision": "bf16"}))
     return base
 

@@ -8,7 +8,7 @@ from itertools import combinations
 
 from gsmtune.arithmetic import safe_eval
 from gsmtune.gsm8k_format import ANNOTATION, CALCULATION, after_answer_line, normalize_question
-from gsmtune.runs import Run, pieces, question_hash
+from gsmtune.runs import Run, pieces, question_hash, training_speed
 from gsmtune.stats import mcnemar_exact, paired_bootstrap_ci, wilson_ci
 
 CATEGORIES = ("no_answer", "hallucinated_continuation", "truncated", "arithmetic", "reasoning")
@@ -185,7 +185,7 @@ def training_rows(runs: list[Run]) -> list[dict]:
         rows.append({"run": r.name, "method": t.get("method"), "examples": t.get("train_examples"),
                      "epochs": t.get("epochs"), "tokens": t.get("tokens_seen"), "hours":
                      t["train_runtime_seconds"] / 3600 if t.get("train_runtime_seconds") else None,
-                     "tokens_per_second": t.get("tokens_per_second"), "peak_gib": t.get("peak_memory_gib"),
+                     "tokens_per_second": training_speed(t), "peak_gib": t.get("peak_memory_gib"),
                      "peak_kind": t.get("peak_memory_kind"), "device": t.get("device"), "precision": _precisions(r, t)})
     return rows
 

@@ -21,6 +21,7 @@ from gsmtune.runs import (
     TRAINING_DATA,
     _read_json,
     stage_pieces,
+    training_speed,
 )
 
 CARD = "README.md"
@@ -30,6 +31,13 @@ BUNDLED_BASES = {"bundled:gemma-3-270m": "google/gemma-3-270m"}  # what the bund
 def _base(run: Path, cfg: dict) -> str:
     adapter = _read_json(run / MODEL / "adapter_config.json")
     return (adapter or {}).get("base_model_name_or_path") or cfg["model"]["name"]
+
+
+def _speed(train: dict) -> str:
+    """Tokens/s over the whole training, and the last piece's where a resumed training's pieces ran at other speeds."""
+    overall, last = training_speed(train) or 0, train.get("tokens_per_second") or 0
+    return f"{overall:.0f} tokens/s" + (f" over all pieces ({last:.0f} in the last)" if round(overall) != round(last)
+                                        else "")
 
 
 def _results(metrics: dict | None, run: Path) -> list[str]:
@@ -113,7 +121,7 @@ def model_card(run: Path) -> str:
         seconds = train.get("train_runtime_seconds")
         lines += ["", f"{train['global_step']} steps, {train.get('tokens_seen') or 0:,} tokens, "
                   + (f"{seconds / 3600:.1f} h of training, " if seconds else "")
-                  + f"{train.get('tokens_per_second') or 0:.0f} tokens/s; final loss "
+                  + _speed(train) + "; final loss "
                   + ("n/a" if train.get("final_loss") is None else f"{train['final_loss']:.3f}")
                   + (f", validation loss {train['eval_loss_curve'][-1]['eval_loss']:.3f}" if train.get("eval_loss_curve")
                      else "") + f". Full curves: `{TRAIN_METRICS}`."]

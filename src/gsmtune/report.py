@@ -83,7 +83,7 @@ def comparison_markdown(runs: list[Run]) -> str:
     return (f"{summary_table(runs)}\n\nPaired differences (each pair on the problems both runs answered; exact McNemar "
             "test, bootstrap CI over problems; Holm's p adjusts McNemar's for the number of pairs in the table, the "
             f"one to read where no single pair was chosen in advance):\n\n{pairs_table(runs)}\n"
-            + (f"\nTraining (hours over all resumed pieces; tokens/s of the last piece):\n\n{training}\n" if training else ""))
+            + (f"\nTraining (hours and tokens/s over all resumed pieces):\n\n{training}\n" if training else ""))
 
 
 def write_comparison_csv(runs: list[Run], path: Path) -> None:

@@ -220,6 +220,13 @@ def write_training_data(out: Path, questions: list[str], model_path: str | None 
     write_atomic(out / TRAINING_DATA, json.dumps(record) + "\n")
 
 
+def training_speed(train_metrics: dict) -> float | None:
+    """Tokens/s over all resumed pieces (tokens seen / seconds trained); `tokens_per_second` in train_metrics.json is
+    the last piece's, which is what a resumed piece measures but not what the whole training cost."""
+    tokens, seconds = train_metrics.get("tokens_seen"), train_metrics.get("train_runtime_seconds")
+    return tokens / seconds if tokens and seconds else train_metrics.get("tokens_per_second")
+
+
 # --- reading a run back ------------------------------------------------------------------------------------------
 
 
