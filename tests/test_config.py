@@ -117,7 +117,8 @@ def test_study_rows_are_committed_the_way_the_study_says(path):
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name == "gemma-2b-it"], ids=lambda p: p.stem)
 def test_reference_study_rows_cut_nothing(path):
-    """The GPU rows (google/gemma-2b-it): >= 512 new tokens and no training row cut, as the CPU rows."""
+    """The GPU rows (google/gemma-2b-it): >= 512 new tokens and room for the longest training row as Gemma 3's
+    tokenizer counts it (gemma-2b-it's own is not at hand offline; its configs leave a margin)."""
     cfg = load_config(path)
     assert cfg.generation.max_new_tokens >= 512
     if path.stem.startswith(("full_", "lora_")):

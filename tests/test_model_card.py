@@ -35,3 +35,14 @@ def test_evaluating_another_folder_leaves_the_card_alone(tiny_model_dir, train_d
     before = (out / "model" / "README.md").read_text()
     assert main(["eval", "base", *overrides(out / "model", train_dir, tmp_path / "elsewhere")]) == 0
     assert (out / "model" / "README.md").read_text() == before
+
+
+def test_card_speed_is_over_all_pieces_with_the_last_beside_it():
+    """A resumed training's card: tokens seen over seconds trained, and the last piece's own speed where it differs."""
+    from gsmtune.model_card import _speed
+
+    resumed = {"tokens_seen": 1_358_963, "train_runtime_seconds": 5134.9, "tokens_per_second": 275.3}
+    assert _speed(resumed) == "265 tokens/s over all pieces (275 in the last)"
+    assert _speed(resumed | {"tokens_per_second": 264.6}) == "265 tokens/s"
+    assert _speed(resumed | {"tokens_per_second": None}) == "265 tokens/s"
+    assert _speed(resumed | {"train_runtime_seconds": None}) == "275 tokens/s in its last piece"

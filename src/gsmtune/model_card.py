@@ -35,9 +35,11 @@ def _base(run: Path, cfg: dict) -> str:
 
 def _speed(train: dict) -> str:
     """Tokens/s over the whole training, and the last piece's where a resumed training's pieces ran at other speeds."""
-    overall, last = training_speed(train) or 0, train.get("tokens_per_second") or 0
-    return f"{overall:.0f} tokens/s" + (f" over all pieces ({last:.0f} in the last)" if round(overall) != round(last)
-                                        else "")
+    overall, last = training_speed(train), train.get("tokens_per_second")
+    if overall is None:
+        return f"{last or 0:.0f} tokens/s in its last piece"
+    return f"{overall:.0f} tokens/s" + (f" over all pieces ({last:.0f} in the last)"
+                                        if last and round(overall) != round(last) else "")
 
 
 def _results(metrics: dict | None, run: Path) -> list[str]:

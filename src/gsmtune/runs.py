@@ -197,7 +197,8 @@ def question_hash(text: str) -> str:
 
 def fingerprint(questions: list[str], solutions: list[str] | None = None) -> dict:
     """Hashes of each question, exact (stripped) and number-normalised; sorted, so the file says nothing of order.
-    With the solutions, one digest of the (question, solution) set too: main and socratic share their questions."""
+    With the solutions, one digest of the (question, solution) set too: main and socratic share their questions.
+    The digest covers this run's own examples (a GRPO run's SFT start keeps its own in its folder)."""
     record = {"questions": len(questions), "hash": "sha256[:16]",
               "exact": sorted({question_hash(q.strip()) for q in questions}),
               "normalized": sorted({question_hash(normalize_question(q)) for q in questions})}
@@ -222,9 +223,10 @@ def write_training_data(out: Path, questions: list[str], model_path: str | None 
 
 def training_speed(train_metrics: dict) -> float | None:
     """Tokens/s over all resumed pieces (tokens seen / seconds trained); `tokens_per_second` in train_metrics.json is
-    the last piece's, which is what a resumed piece measures but not what the whole training cost."""
+    the last piece's, which is what a resumed piece measures but not what the whole training cost. None where a piece
+    ran before gsmtune kept the clock (no total seconds)."""
     tokens, seconds = train_metrics.get("tokens_seen"), train_metrics.get("train_runtime_seconds")
-    return tokens / seconds if tokens and seconds else train_metrics.get("tokens_per_second")
+    return tokens / seconds if tokens and seconds else None
 
 
 # --- reading a run back ------------------------------------------------------------------------------------------
