@@ -24,7 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at_answer: bool, dtype: str) -> dict:
+def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at_answer: bool, dtype: str,
+                   overrides: list[str]) -> dict:
     import transformers  # noqa: F401  (imported before the clock starts, as lm-eval's worker does)
 
     from gsmtune.config import load_config
@@ -34,7 +35,7 @@ def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at
     cfg = load_config(None, ["dataset.source=local", f"dataset.path={problems.parent}", "prompt.strategy=zero_shot",
                              "num_eval_samples=null", f"generation.batch_size={batch_size}", f"model.dtype={dtype}",
                              f"generation.max_new_tokens={max_new_tokens}", f"generation.stop_at_answer={stop_at_answer}",
-                             f"output_dir={out}"])
+                             f"output_dir={out}", *overrides])
     start = time.perf_counter()
     run_eval(cfg)
     seconds = time.perf_counter() - start
@@ -108,13 +109,17 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", help="float32 shows whether disagreements are bf16 rounding")
     # under results/, with the run folders: the completions can quote test problems (the base model runs on into them)
     p.add_argument("--out", type=Path, default=HERE.parent / "results" / "benchmarks" / "eval.json")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="one more gsmtune contender (stopping at '#### n') with these config overrides, to measure a "
+                        "lever in the same run, e.g. --also generation.draft_tokens=0; repeatable")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.worker:  # inside a contender's own process
         kind, *rest, out = a.worker
         problems = Path(rest[0])
-        result = (gsmtune_worker(problems, int(rest[1]), int(rest[2]), rest[3] == "true", a.dtype) if kind == "gsmtune"
+        result = (gsmtune_worker(problems, int(rest[1]), int(rest[2]), rest[3] == "true", a.dtype, rest[4:])
+                  if kind == "gsmtune"
                   else naive_worker(problems, int(rest[1]), a.dtype))
         Path(out).write_text(json.dumps(result))
         return
@@ -128,6 +133,10 @@ def main() -> None:
     results = [measure("gsmtune", [*me, "gsmtune", str(problems), str(a.batch_size), tok, "false"], a.repeats)]
     results.append(measure("gsmtune, also stopping at the '#### n' line",
                            [*me, "gsmtune", str(problems), str(a.batch_size), tok, "true"], a.repeats))
+    for overrides in a.also:
+        results.append(measure(f"gsmtune, stopping at '#### n', {overrides}",
+                               [*me, "gsmtune", str(problems), str(a.batch_size), tok, "true", *overrides.split(",")],
+                               a.repeats))
     if a.lm_eval_python:
         from gsmtune.models import bundled_model_path
 

@@ -4,6 +4,7 @@
     python benchmarks/profile_decode.py --step-sweep   # one decode step's time at batch 1..64 vs the memory floor
     python benchmarks/profile_decode.py --data ... --model RUN/model --dtype float32 --screen both   # the screen's lever
     python benchmarks/profile_decode.py ... --samples 5   # self-consistency's sampling (temperature 0.7, top-k 50)
+    python benchmarks/profile_decode.py --data ... --drafts both   # drafts looked up in each row: off, then on
 
 Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy or, with
 --samples, self-consistency's sampling; the '####' and 'Question:' stops) with a clock around every model call.
@@ -45,14 +46,15 @@ def weight_bytes(model) -> int:
 
 def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dict]:
     """Median time of one decode step at each batch size, `context` positions already cached (greedy: the output
-    layer screened as the decode loop screens it)."""
+    layer screened and attention run as the decode loop runs them)."""
+    from gsmtune.decode_attention import decode_attention
     from gsmtune.generation import _prefill
     from gsmtune.output_screen import screened_output_layer
 
     rows = []
     for b in sizes:
         prompts = [[lm.tokenizer.bos_token_id] + [1000 + i] * (context - 1) for i in range(b)]
-        with torch.inference_mode(), screened_output_layer(lm.model):
+        with torch.inference_mode(), screened_output_layer(lm.model), decode_attention(lm.model):
             _, cache, mask = _prefill(lm.model, prompts, lm.tokenizer.pad_token_id, lm.device)
             times = []
             for _ in range(repeats):
@@ -69,12 +71,12 @@ def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int, keys:
     from gsmtune.generation import StopRules, stream
 
     forward = lm.model.forward
-    calls: list[tuple[int, int, float]] = []  # (rows, positions fed, seconds)
+    calls: list[tuple[int, int, bool, float]] = []  # (rows, positions fed a row, prefill?, seconds)
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
         out = forward(*args, **kwargs)
-        calls.append((*kwargs["input_ids"].shape, time.perf_counter() - start))
+        calls.append((*kwargs["input_ids"].shape, "logits_to_keep" in kwargs, time.perf_counter() - start))
         return out
 
     head = lm.model.get_output_embeddings()
@@ -88,15 +90,17 @@ def profile_stream(lm, prompts: list[list[int]], gen_cfg, batch_size: int, keys:
     lm.model.forward = forward
     screen = getattr(head, "_gsmtune_screen", None)  # output_screen's counts of rows proven / recomputed in float32
     screened = (screen.proven - before[0], screen.recomputed - before[1]) if screen is not None else (0, 0)
-    decode = [(rows, s) for rows, width, s in calls if width == 1]
+    decode = [(rows, width, s) for rows, width, prefill, s in calls if not prefill]
     buckets = defaultdict(list)
-    for rows, s in decode:
-        buckets[next(f"{lo}-{hi}" for lo, hi in BUCKETS if rows <= hi)].append(s)
+    for rows, width, s in decode:
+        buckets[next(f"{lo}-{hi}" for lo, hi in BUCKETS if rows <= hi)].append((width, s))
     tokens = sum(len(lm.tokenizer(c.text, add_special_tokens=False)["input_ids"]) for c in done.values())
-    return {"wall_s": wall, "prefill_s": sum(s for _, w, s in calls if w > 1), "decode_s": sum(s for _, s in decode),
-            "host_s": wall - sum(s for *_, s in calls), "steps": len(decode), "tokens": tokens,
+    return {"wall_s": wall, "prefill_s": sum(s for *_, prefill, s in calls if prefill),
+            "decode_s": sum(s for *_, s in decode), "host_s": wall - sum(s for *_, s in calls), "steps": len(decode),
+            "steps_with_drafts": sum(width > 1 for _, width, _ in decode), "tokens": tokens,
             "tokens_per_s": tokens / wall,
-            "by_batch": {k: {"steps": len(v), "ms_per_step": 1e3 * statistics.median(v), "s": sum(v)}
+            "by_batch": {k: {"steps": len(v), "ms_per_step": 1e3 * statistics.median(s for _, s in v),
+                             "s": sum(s for _, s in v), "mean_positions_per_row": statistics.mean(w for w, _ in v)}
                          for k, v in sorted(buckets.items(), key=lambda kv: int(kv[0].split("-")[0]))},
             "stops": dict(Counter(c.stop_reason for c in done.values())),
             "screen_rows_proven": screened[0], "screen_rows_recomputed": screened[1],
@@ -113,12 +117,17 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--screen", choices=("on", "off", "both"), default="on",
                    help="output_screen (float32 on CPU); both: off then on, in one process, same completions checked")
+    p.add_argument("--drafts", choices=("auto", "on", "off", "both"), default="auto",
+                   help="greedy drafts looked up in each row: generation.draft_tokens null (auto), 8 (on) or 0 (off); "
+                        "both: off then on, in one process, same completions checked")
     p.add_argument("--samples", type=int, default=0,
                    help="k sampled completions per problem (temperature 0.7, top-k 50) instead of greedy")
     p.add_argument("--step-sweep", action="store_true", help="time one decode step per batch size instead")
     p.add_argument("--context", type=int, default=300, help="cached positions for --step-sweep")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
+
+    from omegaconf import OmegaConf
 
     from gsmtune.allocator import keep_freed_memory
     from gsmtune.config import load_config
@@ -141,11 +150,18 @@ def main() -> None:
         k = max(a.samples, 1)
         prompts, keys = [p for p in prompts for _ in range(k)], [f"{i}/{j}" for i in range(a.n) for j in range(k)]
         result = header | {"n": a.n, "samples": a.samples, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
-        for mode in ("off", "on") if a.screen == "both" else (a.screen,):
-            os.environ["GSMTUNE_SCREEN"] = mode
-            result[f"screen_{mode}"] = profile_stream(lm, prompts, gen, a.batch_size, keys)
-        if a.screen == "both":
-            pairs = zip(result["screen_off"]["completions"], result["screen_on"]["completions"], strict=True)
+        if a.screen == "both" and a.drafts == "both":
+            p.error("--screen both and --drafts both: measure one lever at a time")
+        depth = {"auto": None, "off": 0}.get(a.drafts, 8)
+        runs = ([("drafts_off", a.screen, 0), ("drafts_on", a.screen, depth)] if a.drafts == "both" else
+                [("screen_off", "off", depth), ("screen_on", "on", depth)] if a.screen == "both" else
+                [(f"screen_{a.screen}", a.screen, depth)])
+        for name, screen, drafts in runs:
+            os.environ["GSMTUNE_SCREEN"] = screen
+            result[name] = profile_stream(lm, prompts, OmegaConf.merge(gen, {"draft_tokens": drafts}), a.batch_size,
+                                          keys)
+        if len(runs) == 2:
+            pairs = zip(*(result[name]["completions"] for name, *_ in runs), strict=True)
             result["identical_completions"] = sum(x == y for x, y in pairs)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "completions"} if isinstance(v, dict) else v
                       for k, v in result.items()}, indent=1))

@@ -180,3 +180,40 @@ def test_a_repeated_prompt_is_prefilled_once(tiny_model_dir, tiny_tokenizer):
     assert rows_fed[1][0] == 4
     model.forward = original
     assert together == [generate(model, tok, [p], gen, StopRules(False, False))[0] for p in (a, b, a, a)]
+
+
+def test_checked_drafts_give_the_tokens_of_plain_decoding(tiny_tokenizer, monkeypatch):
+    """Tail steps check tokens looked up in each row: rows accept different numbers of them, the cache is realigned
+    past the sliding window, waiting prompts still join; completions equal plain decoding's, in fewer model calls."""
+    from gsmtune import generation
+    from gsmtune.config import load_config
+
+    tok = tiny_tokenizer
+    model = sliding_model(tok, seed=1)
+    texts = ["Question: Tom has 3 apples and 4 pears\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:",
+             "Question: Sara buys 12 eggs at $2 each\nAnswer:", "Question: half of 10\nAnswer:", "1 2 1 2 1 2 1 2"]
+    prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    calls, drafts, forward, draft = [], [], model.forward, generation.Lookup.draft
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    monkeypatch.setattr(generation.Lookup, "draft", lambda self, k: drafts.append(len(d := draft(self, k))) or d)
+    runs = {}
+    for depth in (0, 8):
+        gen = load_config(None, ["generation.max_new_tokens=30", f"generation.draft_tokens={depth}"]).generation
+        calls.clear()
+        drafts.clear()
+        done = dict(generation.stream(model, tok, prompts, gen, StopRules(False, False), batch_size=4))
+        runs[depth] = done, len(calls), sum(drafts)
+    assert runs[8][0] == runs[0][0]
+    assert {c.stop_reason for c in runs[0][0].values()} == {"eos", "max_tokens"}
+    assert runs[0][2] == 0 < runs[8][2] and runs[8][1] < runs[0][1]
+
+
+def test_drafts_by_default_in_bf16_only(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from gsmtune.generation import _draft_tokens
+
+    model = sliding_model(tiny_tokenizer, seed=0)
+    auto, fixed = SimpleNamespace(draft_tokens=None), SimpleNamespace(draft_tokens=3)
+    assert (_draft_tokens(model, auto), _draft_tokens(model, fixed)) == (0, 3)
+    assert _draft_tokens(model.to(torch.bfloat16), auto) == 8

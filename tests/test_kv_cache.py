@@ -79,3 +79,43 @@ def test_long_greedy_decoding_matches_hf_generate(tiny_tokenizer):
     until_stop = [r[:next((i for i, t in enumerate(r) if t in stops), len(r))] for r in reference.tolist()]
     assert max(c.num_tokens for c in ours) == steps  # at least one row decodes past the spare room
     assert [c.text for c in ours] == [tok.decode(r, skip_special_tokens=True) for r in until_stop]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_realign_keeps_each_rows_accepted_positions_right_aligned(window):
+    """Rows checked 3 draft positions and kept 0, 2 and 3 of them: after `realign` each row holds, right-aligned, the
+    states of a cache that only ever got its kept positions (sliding windows reach back into their buffer)."""
+    from gsmtune.kv_cache import realign, realign_mask
+
+    torch.manual_seed(0)
+    make = (lambda: GrowingLayer()) if window is None else (lambda: GrowingSlidingWindowLayer(sliding_window=window))
+    ours, rows = make(), [make() for _ in range(3)]
+    prompt, steps = states(3, 7), [states(3, 1) for _ in range(3)]
+    ours.update(*prompt)
+    for row, layer in enumerate(rows):
+        layer.update(prompt[0][row:row + 1], prompt[1][row:row + 1])
+    for k, v in steps[:-1]:  # two plain steps, then a checked draft of 3
+        ours.update(k, v)
+        for row, layer in enumerate(rows):
+            layer.update(k[row:row + 1], v[row:row + 1])
+    drafted = states(3, 4)
+    ours.update(*drafted)
+    kept = [0, 2, 3]
+    for row, layer in enumerate(rows):
+        layer.update(drafted[0][row:row + 1, :, :1 + kept[row]], drafted[1][row:row + 1, :, :1 + kept[row]])
+    cache = type("Cache", (), {"layers": [ours]})()
+    junk = [3 - k for k in kept]
+    length = 7 + 2 + 4
+    mask = realign_mask(torch.ones(3, length, dtype=torch.long), junk)
+    assert realign(cache, length, junk) == length - min(junk) == mask.shape[1]
+    for row, layer in enumerate(rows):
+        n = layer.keys.shape[2]
+        assert mask[row].sum() == 7 + 2 + 1 + kept[row]
+        assert ours.keys.shape[2] == min(length - min(junk), window - 1 if window else length)
+        torch.testing.assert_close(ours.keys[row:row + 1, :, -n:], layer.keys[:, :, -n:], rtol=0, atol=0)
+        torch.testing.assert_close(ours.values[row:row + 1, :, -n:], layer.values[:, :, -n:], rtol=0, atol=0)
+    k, v = states(3, 1)  # decoding goes on from the realigned states
+    ours.update(k, v)
+    for row, layer in enumerate(rows):
+        layer.update(k[row:row + 1], v[row:row + 1])
+        torch.testing.assert_close(ours.keys[row:row + 1, :, -layer.keys.shape[2]:], layer.keys, rtol=0, atol=0)

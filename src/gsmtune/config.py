@@ -69,6 +69,7 @@ class GenerationConfig:
     stop_at_new_question: bool = True  # stop when the model starts a new 'Question:'
     calculator: bool = False  # force computed results into '<<expression=' annotations
     num_samples: int = 1  # > 1: self-consistency, k sampled completions per problem beside the greedy one
+    draft_tokens: int | None = None  # greedy tail steps check this many looked-up tokens; None: 8 in bf16, 0 in fp32
 
 
 @dataclass
@@ -168,8 +169,8 @@ CHOICES = {
     "training.grpo.rollout": ("decode_loop", "trl"),
 }
 # Keys that change speed, not results: a resumed run may differ in these.
-RUNTIME_KEYS = ("generation.batch_size", "output_dir", "baseline_run", "training.report_to", "training.logging_steps",
-                "sweep.space", "sweep.study_name", "sweep.sampler", "reference.accuracy", "reference.source",
+RUNTIME_KEYS = ("generation.batch_size", "generation.draft_tokens", "output_dir", "baseline_run", "training.report_to",
+                "training.logging_steps", "sweep.space", "sweep.study_name", "sweep.sampler", "reference.accuracy", "reference.source",
                 "training.gradient_checkpointing", "training.answer_head", "training.padding_free",
                 "training.grpo.rollout")  # how a run goes, not what it learns (rollout: the same sampling, faster)
 
@@ -308,6 +309,8 @@ def _validate(cfg: DictConfig) -> None:
         raise GsmtuneError("dataset.prompt_format must contain '{question}'")
     if cfg.generation.max_new_tokens <= 0 or cfg.generation.batch_size <= 0 or cfg.generation.num_samples <= 0:
         raise GsmtuneError("generation.max_new_tokens, generation.batch_size and generation.num_samples must be positive")
+    if cfg.generation.draft_tokens is not None and cfg.generation.draft_tokens < 0:
+        raise GsmtuneError(f"generation.draft_tokens={cfg.generation.draft_tokens} must be 0 (off), more, or null (auto)")
     g = cfg.generation
     sampling = g.do_sample or g.num_samples > 1
     if sampling and (g.temperature <= 0 or not 0 < g.top_p <= 1 or g.top_k < 0):

@@ -17,9 +17,11 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
+from gsmtune.decode_attention import decode_attention
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
-from gsmtune.kv_cache import join, new_cache, supports_joining, trim
+from gsmtune.kv_cache import join, new_cache, realign, realign_mask, supports_joining, trim
 from gsmtune.output_screen import screened_output_layer
+from gsmtune.prompt_lookup import Lookup
 
 
 @dataclass(frozen=True)
@@ -163,14 +165,18 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
     done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
     waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
-    Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens).
+    Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens);
+    bf16 decoding on CPU attends with float32 products instead of torch's slow bf16 kernel (`decode_attention`).
+    Greedy decoding without the calculator checks drafts once few rows are left (`_draft_tokens`): each row
+    feeds up to that many tokens looked up in its own text (`prompt_lookup`) after its chosen one, within a full
+    batch's positions a step, and keeps those the model would have chosen next.
     """
     sampler = _sampler(gen_cfg)
     keys = sample_keys if sample_keys is not None else range(len(prompts))
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts: give one key per prompt")
     streams = [random.Random(f"{seed}/{key}") for key in keys] if sampler is not None else None
-    with screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
+    with screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0), decode_attention(model):
         yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, streams, batch_size, on_text)
 
 
@@ -184,10 +190,40 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
     eos_ids = set(stop_token_ids(tokenizer, model))
     calculator = Calculator(tokenizer, len(prompts)) if gen_cfg.calculator else None
     joinable = supports_joining(new_cache(model.config))  # a property of the model: decided once
+    most_drafts = _draft_tokens(model, gen_cfg) if sampler is None and calculator is None and joinable else 0
+    drafting = most_drafts > 0
     waiting = deque(range(len(prompts)))
     texts: dict[int, RowText] = {}
+    lookups: dict[int, Lookup] = {}
     rows: list[int] = []  # the prompt index of each row of the running batch
     cache, mask, logits = None, None, None
+
+    def take(row: int, token: int) -> Completion | None:
+        """Append one chosen token to a row; its completion if that ended it."""
+        text = texts[row]
+        if calculator is not None:
+            token = calculator.next_token(row, text.text, token)
+        text.append(token)
+        if drafting:
+            lookups[row].extend([token])
+        if on_text is not None:
+            on_text(row, text.text)
+        if token in eos_ids or len(text.tokens) >= gen_cfg.max_new_tokens or rules.find(text.text) is not None:
+            done = _finish(tokenizer, texts.pop(row).tokens, eos_ids, rules)
+            lookups.pop(row, None)
+            if calculator is not None:
+                done.calculator_calls, done.calculator_changed = calculator.calls[row], calculator.changed[row]
+            return done
+        return None
+
+    def select(keep: list[int]) -> None:
+        """Finished rows leave the batch and the cache."""
+        nonlocal rows, mask
+        if len(keep) < len(rows):
+            cache.batch_select_indices(torch.tensor(keep, device=device))
+            mask = mask[torch.tensor(keep, device=device)]
+            rows = [rows[pos] for pos in keep]
+
     while waiting or rows:
         free = batch_size - len(rows)
         if waiting and (not rows or (free >= max(1, batch_size // 4) and joinable)):
@@ -202,6 +238,8 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
                 cache, mask, logits = fresh_cache, fresh_mask, fresh_logits
             rows += joining
             texts.update({i: RowText(tokenizer) for i in joining})
+            if drafting:
+                lookups.update({i: Lookup(prompts[i]) for i in joining})
         if sampler is None:
             chosen = logits.max(-1).indices  # argmax's answer (the first maximum); 2.6x faster on bf16 CPU logits
         else:
@@ -209,35 +247,63 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             chosen = sample(logits, sampler, gen_cfg.top_k, uniforms)
         keep, next_tokens = [], []
         for pos, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
-            text = texts[row]
-            if calculator is not None:
-                token = calculator.next_token(row, text.text, token)
-            text.append(token)
-            if on_text is not None:
-                on_text(row, text.text)
-            if token in eos_ids or len(text.tokens) >= gen_cfg.max_new_tokens or rules.find(text.text) is not None:
-                done = _finish(tokenizer, texts.pop(row).tokens, eos_ids, rules)
-                if calculator is not None:
-                    done.calculator_calls, done.calculator_changed = calculator.calls[row], calculator.changed[row]
-                yield row, done
-            else:
+            done = take(row, token)
+            if done is None:
                 keep.append(pos)
-                next_tokens.append(token)
+                next_tokens.append(texts[row].tokens[-1])
+            else:
+                yield row, done
         if not keep:
             rows, cache, mask, logits = [], None, None, None
             continue
-        if len(keep) < len(rows):  # finished rows leave the batch and the cache
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-            rows = [rows[pos] for pos in keep]
+        select(keep)
         padding = int(mask.any(0).long().argmax())  # leading positions that are padding in every row
         if padding and joinable:
             trim(cache, mask.shape[1], padding)
             mask = mask[:, padding:]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        logits = model(input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=mask,
-                       position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True).logits[:, -1, :]
+        # tail steps (few rows) check drafts too, up to a full batch's positions (in bf16 such a step costs little
+        # more than one token's: 73 against 66 ms at 1-6 rows, BENCHMARKS.md)
+        depth = min(most_drafts, batch_size // len(rows) - 1) if drafting else 0
+        drafts = [lookups[row].draft(depth) for row in rows] if depth > 0 else []
+        width = max(map(len, drafts), default=0)
+        inputs = torch.tensor([[t, *d, *[pad_id] * (width - len(d))] for t, d in
+                               zip(next_tokens, drafts or [[]] * len(rows), strict=True)], device=device)
+        positions = mask.sum(-1, keepdim=True) + torch.arange(width + 1, device=device)
+        mask = torch.cat([mask, mask.new_ones(len(rows), width + 1)], dim=1)
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits
+        if not width:
+            logits = logits[:, -1, :]
+            continue
+        checked = logits.max(-1).indices.tolist()
+        keep, junk, last = [], [], []
+        for pos, (row, draft) in enumerate(zip(list(rows), drafts, strict=True)):
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == checked[pos][accepted]:
+                done = take(row, draft[accepted])
+                accepted += 1
+                if done is not None:
+                    yield row, done
+                    break
+            else:
+                keep.append(pos)
+                junk.append(width - accepted)
+                last.append(accepted)
+        if not keep:
+            rows, cache, mask, logits = [], None, None, None
+            continue
+        logits = logits[keep, last]
+        select(keep)
+        realign(cache, mask.shape[1], junk)
+        mask = realign_mask(mask, junk)
+
+
+def _draft_tokens(model, gen_cfg) -> int:
+    """Drafts a row may check a step: `generation.draft_tokens`, or by default 8 where the output layer computes in
+    bf16/fp16 and none in float32, where the extra positions cost more than they save on a CPU (BENCHMARKS.md)."""
+    if gen_cfg.draft_tokens is not None:
+        return gen_cfg.draft_tokens
+    return 8 if model.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16) else 0
 
 
 def generate(model, tokenizer, batch: list[list[int]], gen_cfg, rules: StopRules, seed: int = 0) -> list[Completion]:

@@ -123,3 +123,46 @@ def trim(cache, length: int, columns: int) -> None:
         layer.values = layer.values[:, :, layer.values.shape[2] - keep:]
         if layer.is_sliding:
             layer.cumulative_length = timeline
+
+
+def _columns(layer, keys: torch.Tensor, buffer: torch.Tensor | None, length: int, start: int) -> torch.Tensor:
+    """Timeline columns [start, length) of one layer's stored states; columns before the timeline are zeros, and a
+    sliding window reaches back into its buffer for the columns it has just moved past."""
+    first = length - keys.shape[2]  # the first column the layer keeps
+    if start >= first:
+        return keys[:, :, start - first:]
+    zeros = keys.new_zeros(*keys.shape[:2], max(0, -start), keys.shape[3])
+    back = first - max(start, 0)  # kept earlier columns, behind the view, in the buffer
+    if back:
+        end = _room_after(keys, buffer)
+        if end is None or end - keys.shape[2] < back:
+            raise RuntimeError(f"the cache no longer holds the {back} positions before its window")
+        keys = buffer[:, :, end - keys.shape[2] - back:end]
+    return torch.cat([zeros, keys], dim=2)
+
+
+def realign(cache, length: int, junk: list[int]) -> int:
+    """Drop row i's last `junk[i]` positions (rejected draft tokens) and right-align the rows again: row i moves right
+    by `junk[i] - min(junk)` (left padding grows) and the timeline loses `min(junk)` columns. Returns its new length;
+    the attention mask is realigned with `realign_mask`."""
+    cut = min(junk)
+    timeline, spread = length - cut, max(junk) - cut
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        keep = _stored(layer, timeline)
+        for name in ("keys", "values"):
+            both = _columns(layer, getattr(layer, name), getattr(layer, name[:-1] + "_buffer", None), length,
+                            timeline - keep - spread)
+            setattr(layer, name, both[:, :, :keep] if not spread else  # still a view: appends stay in place
+                    torch.stack([both[i, :, spread - j + cut:spread - j + cut + keep] for i, j in enumerate(junk)]))
+        if layer.is_sliding:
+            layer.cumulative_length = timeline
+    return timeline
+
+
+def realign_mask(mask: torch.Tensor, junk: list[int]) -> torch.Tensor:
+    """The 2-D attention mask of a cache that `realign` has just realigned."""
+    cut = min(junk)
+    return torch.stack([torch.cat([mask.new_zeros(j - cut), row[:row.shape[0] - j]]) for row, j in zip(mask, junk,
+                                                                                                        strict=True)])
