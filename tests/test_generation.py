@@ -217,3 +217,32 @@ def test_drafts_by_default_in_bf16_only(tiny_tokenizer):
     auto, fixed = SimpleNamespace(draft_tokens=None), SimpleNamespace(draft_tokens=3)
     assert (_draft_tokens(model, auto), _draft_tokens(model, fixed)) == (0, 3)
     assert _draft_tokens(model.to(torch.bfloat16), auto) == 8
+
+
+def test_rows_that_end_inside_accepted_drafts_leave_a_realigned_cache(tiny_tokenizer, monkeypatch):
+    """Drafts from an oracle (each row's true continuation, some cut short or with one wrong token): every step keeps a
+    different number per row, rows end inside accepted drafts at max_new_tokens while others go on past the sliding
+    window; completions still equal plain decoding's."""
+    from gsmtune import generation
+    from gsmtune.config import load_config
+
+    tok = tiny_tokenizer
+    model = sliding_model(tok, seed=1)
+    texts = ["Question: Tom has 3 apples and 4 pears\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:",
+             "Question: Sara buys 12 eggs at $2 each\nAnswer:", "Question: half of 10\nAnswer:", "1 2 1 2 1 2 1 2"]
+    prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    plain = load_config(None, ["generation.max_new_tokens=30", "generation.draft_tokens=0"]).generation
+    want = dict(generation.stream(model, tok, prompts, plain, StopRules(False, False), batch_size=4))
+    calls = []
+
+    def oracle(self, k):
+        row = next(i for i, p in enumerate(prompts) if self.tokens[:len(p)] == p)
+        done = len(self.tokens) - len(prompts[row])
+        draft = want[row].token_ids[done:done + k][: (len(calls) % 5) + 1]
+        calls.append(len(draft))
+        return draft[:-1] + [draft[-1] + 1] if draft and len(calls) % 3 == 0 else draft
+
+    monkeypatch.setattr(generation.Lookup, "draft", oracle)
+    gen = load_config(None, ["generation.max_new_tokens=30", "generation.draft_tokens=8"]).generation
+    assert dict(generation.stream(model, tok, prompts, gen, StopRules(False, False), batch_size=12)) == want
+    assert sum(calls) > 30

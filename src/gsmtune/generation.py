@@ -276,7 +276,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             logits = logits[:, -1, :]
             continue
         checked = logits.max(-1).indices.tolist()
-        keep, junk, last = [], [], []
+        keep, junk = [], [width] * len(rows)  # a row that ends here leaves; its junk must not shrink the others' cut
         for pos, (row, draft) in enumerate(zip(list(rows), drafts, strict=True)):
             accepted = 0
             while accepted < len(draft) and draft[accepted] == checked[pos][accepted]:
@@ -287,15 +287,14 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
                     break
             else:
                 keep.append(pos)
-                junk.append(width - accepted)
-                last.append(accepted)
+                junk[pos] = width - accepted
         if not keep:
             rows, cache, mask, logits = [], None, None, None
             continue
-        logits = logits[keep, last]
-        select(keep)
-        realign(cache, mask.shape[1], junk)
+        logits = logits[keep, [width - junk[pos] for pos in keep]]
+        realign(cache, mask.shape[1], junk)  # before rows leave: selecting rows copies a window without its buffer
         mask = realign_mask(mask, junk)
+        select(keep)
 
 
 def _draft_tokens(model, gen_cfg) -> int:
