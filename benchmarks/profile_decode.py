@@ -46,15 +46,14 @@ def weight_bytes(model) -> int:
 
 def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dict]:
     """Median time of one decode step at each batch size, `context` positions already cached (greedy: the output
-    layer screened and attention run as the decode loop runs them)."""
-    from gsmtune.decode_attention import decode_attention
+    layer screened as the decode loop screens it)."""
     from gsmtune.generation import _prefill
     from gsmtune.output_screen import screened_output_layer
 
     rows = []
     for b in sizes:
         prompts = [[lm.tokenizer.bos_token_id] + [1000 + i] * (context - 1) for i in range(b)]
-        with torch.inference_mode(), screened_output_layer(lm.model), decode_attention(lm.model):
+        with torch.inference_mode(), screened_output_layer(lm.model):
             _, cache, mask = _prefill(lm.model, prompts, lm.tokenizer.pad_token_id, lm.device)
             times = []
             for _ in range(repeats):

@@ -17,7 +17,6 @@ from transformers import (
 )
 
 from gsmtune.calculator import Calculator
-from gsmtune.decode_attention import decode_attention
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import join, new_cache, realign, realign_mask, supports_joining, trim
 from gsmtune.output_screen import screened_output_layer
@@ -165,8 +164,7 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
     done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
     waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
-    Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens);
-    bf16 decoding on CPU attends with float32 products instead of torch's slow bf16 kernel (`decode_attention`).
+    Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens).
     Greedy decoding without the calculator checks drafts once few rows are left (`_draft_tokens`): each row
     feeds up to that many tokens looked up in its own text (`prompt_lookup`) after its chosen one, within a full
     batch's positions a step, and keeps those the model would have chosen next.
@@ -176,7 +174,7 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts: give one key per prompt")
     streams = [random.Random(f"{seed}/{key}") for key in keys] if sampler is not None else None
-    with screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0), decode_attention(model):
+    with screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
         yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, streams, batch_size, on_text)
 
 
