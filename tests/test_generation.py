@@ -215,7 +215,7 @@ def test_drafts_by_default_in_bf16_only(tiny_tokenizer):
 
     model = sliding_model(tiny_tokenizer, seed=0)
     auto, fixed = SimpleNamespace(draft_tokens=None), SimpleNamespace(draft_tokens=3)
-    assert (_draft_tokens(model, auto), _draft_tokens(model, fixed)) == (0, 3)
+    assert (_draft_tokens(model, auto), _draft_tokens(model, fixed), _draft_tokens(model, SimpleNamespace())) == (0, 3, 0)
     assert _draft_tokens(model.to(torch.bfloat16), auto) == 8
 
 

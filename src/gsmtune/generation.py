@@ -297,9 +297,11 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
 
 def _draft_tokens(model, gen_cfg) -> int:
     """Drafts a row may check a step: `generation.draft_tokens`, or by default 8 where the output layer computes in
-    bf16/fp16 and none in float32, where the extra positions cost more than they save on a CPU (BENCHMARKS.md)."""
-    if gen_cfg.draft_tokens is not None:
-        return gen_cfg.draft_tokens
+    bf16/fp16 and none in float32, where the extra positions cost more than they save on a CPU (BENCHMARKS.md). A
+    generation config without the key (a caller's own) gets the default."""
+    wanted = getattr(gen_cfg, "draft_tokens", None)
+    if wanted is not None:
+        return wanted
     return 8 if model.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16) else 0
 
 
