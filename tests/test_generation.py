@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import sliding_model
+from transformers import DynamicCache
 
 from gsmtune.generation import Completion, RowText, StopRules, _finish, generate, left_pad, stop_token_ids
 
@@ -193,9 +194,10 @@ def test_checked_drafts_give_the_tokens_of_plain_decoding(tiny_tokenizer, monkey
     texts = ["Question: Tom has 3 apples and 4 pears\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:",
              "Question: Sara buys 12 eggs at $2 each\nAnswer:", "Question: half of 10\nAnswer:", "1 2 1 2 1 2 1 2"]
     prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
-    calls, drafts, forward, draft = [], [], model.forward, generation.Lookup.draft
+    calls, drafts, joins, forward, draft, join = [], [], [], model.forward, generation.Lookup.draft, generation.join
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     monkeypatch.setattr(generation.Lookup, "draft", lambda self, k: drafts.append(len(d := draft(self, k))) or d)
+    monkeypatch.setattr(generation, "join", lambda *a: joins.append(sum(drafts)) or join(*a))
     runs = {}
     for depth in (0, 8):
         gen = load_config(None, ["generation.max_new_tokens=30", f"generation.draft_tokens={depth}"]).generation
@@ -204,6 +206,7 @@ def test_checked_drafts_give_the_tokens_of_plain_decoding(tiny_tokenizer, monkey
         done = dict(generation.stream(model, tok, prompts, gen, StopRules(False, False), batch_size=4))
         runs[depth] = done, len(calls), sum(drafts)
     assert runs[8][0] == runs[0][0]
+    assert joins and max(joins) > 0  # a waiting prompt joined after drafts had been checked
     assert {c.stop_reason for c in runs[0][0].values()} == {"eos", "max_tokens"}
     assert runs[0][2] == 0 < runs[8][2] and runs[8][1] < runs[0][1]
 
@@ -242,7 +245,15 @@ def test_rows_that_end_inside_accepted_drafts_leave_a_realigned_cache(tiny_token
         calls.append(len(draft))
         return draft[:-1] + [draft[-1] + 1] if draft and len(calls) % 3 == 0 else draft
 
+    events, realign = [], generation.realign
     monkeypatch.setattr(generation.Lookup, "draft", oracle)
+    monkeypatch.setattr(generation, "realign", lambda cache, length, junk: events.append(len(junk)) or
+                        realign(cache, length, junk))
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, index: events.append(-len(index)) or
+                        select(self, index))
     gen = load_config(None, ["generation.max_new_tokens=30", "generation.draft_tokens=8"]).generation
     assert dict(generation.stream(model, tok, prompts, gen, StopRules(False, False), batch_size=12)) == want
     assert sum(calls) > 30
+    # rows ended inside accepted drafts: a realign of n rows followed at once by a selection of fewer
+    assert any(0 < a and -b < a for a, b in zip(events, events[1:], strict=False) if b < 0)

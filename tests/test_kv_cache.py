@@ -106,11 +106,13 @@ def test_realign_keeps_each_rows_accepted_positions_right_aligned(window):
     cache = type("Cache", (), {"layers": [ours]})()
     junk = [3 - k for k in kept]
     length = 7 + 2 + 4
-    mask = realign_mask(torch.ones(3, length, dtype=torch.long), junk)
+    before = torch.arange(1, 3 * length + 1).reshape(3, length)
+    mask = realign_mask(before, junk)
     assert realign(cache, length, junk) == length - min(junk) == mask.shape[1]
     for row, layer in enumerate(rows):
         n = layer.keys.shape[2]
-        assert mask[row].sum() == 7 + 2 + 1 + kept[row]
+        shift = junk[row] - min(junk)  # the row's kept columns, right-aligned behind zeros
+        assert mask[row].tolist() == [0] * shift + before[row, :length - junk[row]].tolist()
         assert ours.keys.shape[2] == min(length - min(junk), window - 1 if window else length)
         torch.testing.assert_close(ours.keys[row:row + 1, :, -n:], layer.keys[:, :, -n:], rtol=0, atol=0)
         torch.testing.assert_close(ours.values[row:row + 1, :, -n:], layer.values[:, :, -n:], rtol=0, atol=0)
@@ -119,3 +121,4 @@ def test_realign_keeps_each_rows_accepted_positions_right_aligned(window):
     for row, layer in enumerate(rows):
         layer.update(k[row:row + 1], v[row:row + 1])
         torch.testing.assert_close(ours.keys[row:row + 1, :, -layer.keys.shape[2]:], layer.keys, rtol=0, atol=0)
+        torch.testing.assert_close(ours.values[row:row + 1, :, -layer.values.shape[2]:], layer.values, rtol=0, atol=0)

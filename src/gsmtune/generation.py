@@ -167,7 +167,7 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens).
     Greedy decoding without the calculator checks drafts once few rows are left (`_draft_tokens`): each row
     feeds up to that many tokens looked up in its own text (`prompt_lookup`) after its chosen one, within a full
-    batch's positions a step, and keeps those the model would have chosen next.
+    batch's positions a step (one row: its full draft), and keeps those the model would have chosen next.
     """
     sampler = _sampler(gen_cfg)
     keys = sample_keys if sample_keys is not None else range(len(prompts))
@@ -259,9 +259,9 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
         if padding and joinable:
             trim(cache, mask.shape[1], padding)
             mask = mask[:, padding:]
-        # tail steps (few rows) check drafts too, up to a full batch's positions (in bf16 such a step costs little
-        # more than one token's: 73 against 66 ms at 1-6 rows, BENCHMARKS.md)
-        depth = min(most_drafts, batch_size // len(rows) - 1) if drafting else 0
+        # tail steps (few rows) check drafts too, up to a full batch's positions (at least one row's full draft): in
+        # bf16, 4 rows x 5 positions took 75-77 ms against 56-58 for a plain step of 6 rows (BENCHMARKS.md)
+        depth = min(most_drafts, max(batch_size, most_drafts + 1) // len(rows) - 1) if drafting else 0
         drafts = [lookups[row].draft(depth) for row in rows] if depth > 0 else []
         width = max(map(len, drafts), default=0)
         inputs = torch.tensor([[t, *d, *[pad_id] * (width - len(d))] for t, d in
@@ -275,7 +275,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             continue
         checked = logits.max(-1).indices.tolist()
         keep, junk = [], [width] * len(rows)  # a row that ends here leaves; its junk must not shrink the others' cut
-        for pos, (row, draft) in enumerate(zip(list(rows), drafts, strict=True)):
+        for pos, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
             accepted = 0
             while accepted < len(draft) and draft[accepted] == checked[pos][accepted]:
                 done = take(row, draft[accepted])

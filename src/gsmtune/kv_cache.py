@@ -125,7 +125,7 @@ def trim(cache, length: int, columns: int) -> None:
             layer.cumulative_length = timeline
 
 
-def _columns(layer, keys: torch.Tensor, buffer: torch.Tensor | None, length: int, start: int) -> torch.Tensor:
+def _columns(keys: torch.Tensor, buffer: torch.Tensor | None, length: int, start: int) -> torch.Tensor:
     """Timeline columns [start, length) of one layer's stored states; columns before the timeline are zeros, and a
     sliding window reaches back into its buffer for the columns it has just moved past."""
     first = length - keys.shape[2]  # the first column the layer keeps
@@ -151,10 +151,9 @@ def realign(cache, length: int, junk: list[int]) -> int:
         if not layer.is_initialized:
             continue
         keep = _stored(layer, timeline)
-        for name in ("keys", "values"):
-            both = _columns(layer, getattr(layer, name), getattr(layer, name[:-1] + "_buffer", None), length,
-                            timeline - keep - spread)
-            setattr(layer, name, both[:, :, :keep] if not spread else  # still a view: appends stay in place
+        for name, buffer in (("keys", "key_buffer"), ("values", "value_buffer")):
+            both = _columns(getattr(layer, name), getattr(layer, buffer, None), length, timeline - keep - spread)
+            setattr(layer, name, both[:, :, :keep] if not spread else  # a buffer view, where it was one: appends in place
                     torch.stack([both[i, :, spread - j + cut:spread - j + cut + keep] for i, j in enumerate(junk)]))
         if layer.is_sliding:
             layer.cumulative_length = timeline
