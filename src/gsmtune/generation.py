@@ -218,8 +218,9 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
         """Finished rows leave the batch and the cache."""
         nonlocal rows, mask
         if len(keep) < len(rows):
-            cache.batch_select_indices(torch.tensor(keep, device=device))
-            mask = mask[torch.tensor(keep, device=device)]
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
             rows = [rows[pos] for pos in keep]
 
     while waiting or rows:
