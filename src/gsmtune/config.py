@@ -70,6 +70,7 @@ class GenerationConfig:
     calculator: bool = False  # force computed results into '<<expression=' annotations
     num_samples: int = 1  # > 1: self-consistency, k sampled completions per problem beside the greedy one
     draft_tokens: int | None = None  # greedy tail steps check this many looked-up tokens; None: 8 in bf16, 0 in fp32
+    batch_invariant: bool = False  # each row's bits independent of the batch (tiled products, row-wise attention)
 
 
 @dataclass
@@ -311,6 +312,9 @@ def _validate(cfg: DictConfig) -> None:
         raise GsmtuneError("generation.max_new_tokens, generation.batch_size and generation.num_samples must be positive")
     if cfg.generation.draft_tokens is not None and cfg.generation.draft_tokens < 0:
         raise GsmtuneError(f"generation.draft_tokens={cfg.generation.draft_tokens} must be 0 (off), more, or null (auto)")
+    if cfg.generation.batch_invariant and cfg.generation.draft_tokens:
+        raise GsmtuneError(f"generation.draft_tokens={cfg.generation.draft_tokens} with generation.batch_invariant=true: "
+                           "drafts make a row's results depend on its batch; set generation.draft_tokens=null or 0")
     g = cfg.generation
     sampling = g.do_sample or g.num_samples > 1
     if sampling and (g.temperature <= 0 or not 0 < g.top_p <= 1 or g.top_k < 0):

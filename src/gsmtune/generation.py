@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from gsmtune.batch_invariance import batch_invariant
 from gsmtune.calculator import Calculator
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import join, new_cache, realign, realign_mask, supports_joining, trim
@@ -174,7 +176,8 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts: give one key per prompt")
     streams = [random.Random(f"{seed}/{key}") for key in keys] if sampler is not None else None
-    with screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
+    invariant = batch_invariant(model) if getattr(gen_cfg, "batch_invariant", False) else contextlib.nullcontext()
+    with invariant, screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
         yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, streams, batch_size, on_text)
 
 
@@ -299,8 +302,11 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
 def _draft_tokens(model, gen_cfg) -> int:
     """Drafts a row may check a step: `generation.draft_tokens`, or by default 8 where the output layer computes in
     bf16/fp16 and none in float32, where the extra positions cost more than they save on a CPU (BENCHMARKS.md). A
-    generation config without the key (a caller's own) gets the default."""
+    generation config without the key (a caller's own) gets the default. None in the batch-invariant mode: a drafted
+    position attends in one call with the row's other new positions, a plain one alone, and attention's sums differ."""
     wanted = getattr(gen_cfg, "draft_tokens", None)
+    if getattr(gen_cfg, "batch_invariant", False):
+        return 0
     if wanted is not None:
         return wanted
     return 8 if model.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16) else 0

@@ -5,7 +5,8 @@ bf16 on the study's machine, BENCHMARKS.md), and float32 is the mode whose token
 study decodes in it. The screen must not change a single token. Each row's bf16 products pick candidate tokens; those
 are scored again in float32, one row at a time (`rowwise`: the same sums whatever else is in the batch).
 - Greedy: the row's token comes from the candidates only when rounding-error bounds prove it is the token the full
-  float32 product's argmax picks, in whatever order that product sums; other rows get the full float32 product.
+  float32 product's argmax picks, in whatever order that product sums; other rows get the full float32 product
+  (the output layer's own forward: under `batch_invariance`, its tiled one).
 - Top-k sampling: the row's k best tokens and their logits come from the candidates only when the bounds prove no
   other token's row-wise float32 logit reaches the k-th; other rows get every logit row-wise. So, given the row's
   hidden state, the sampling distribution is that of row-wise float32 logits, proven, whatever else is in the batch
@@ -51,6 +52,7 @@ class Screen:
         self.max_norm = float(weight.detach().norm(dim=1).max())
         self.version = (weight.data_ptr(), weight._version)
         self.proven = self.recomputed = 0
+        self.fallback = functools.partial(nn.functional.linear, weight=weight.detach())  # greedy rows it cannot prove
 
     def logits(self, hidden: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
         """Logits for greedy choice (top_k None: the argmax is the full float32 product's) or top-k sampling (the k
@@ -79,7 +81,7 @@ class Screen:
         logits = screened.float().scatter_(1, top.indices, exact)
         if not bool(proven.all()):
             rows = (~proven).nonzero().squeeze(1)
-            logits[rows] = nn.functional.linear(x[rows], weight) if top_k is None else rowwise(x[rows], weight)
+            logits[rows] = self.fallback(x[rows]) if top_k is None else rowwise(x[rows], weight)
         self.recomputed += int((~proven).sum())
         self.proven += int(proven.sum())
         return logits.reshape(*hidden.shape[:-1], -1)
@@ -127,7 +129,8 @@ def screened_output_layer(model, top_k: int | None = None) -> Iterator[Screen | 
         yield None
         return
     screen = screen_of(head)
-    before = head.__dict__.get("forward")  # another stream's screen, when two decode the same model at once
+    before = head.__dict__.get("forward")  # another stream's screen, or batch_invariance's tiled product
+    screen.fallback = before or functools.partial(nn.functional.linear, weight=head.weight.detach())
     head.forward = functools.partial(screen.logits, top_k=top_k)  # shadows nn.Linear.forward; its pre-hooks still run
     try:
         yield screen

@@ -1,0 +1,105 @@
+"""Does a row's result depend on the other rows of its batch? The question behind a batch-invariant decoding mode.
+
+    python benchmarks/row_invariance.py [--out benchmarks/results/row_invariance_MACHINE.json]
+
+For each matrix product a decode step of the bundled Gemma 3 270M runs (its seven projections, LoRA's rank-r products,
+the 262k-row output layer), in bf16 and float32, with random weights (the kernel a CPU library picks depends on shapes
+and dtype, not on values):
+- plain: the first batch size M at which some row of an M-row product differs (`torch.equal`) from the same row
+  computed alone (none: rows equal at every M tried);
+- tiled: whether products run on fixed T-row tiles (zero rows filling the last) give every row the same bits whatever
+  rows share its tile and wherever it sits in it (moved, mixed with new rows).
+And attention (torch's SDPA, the decode loop's): one query over the same keys, with and without masked left padding
+(the positions other rows' longer prompts add), equal or not.
+No model weights are loaded; seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 262_144  # Gemma 3 270M
+SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
+
+
+def shapes(rank: int) -> dict[str, tuple[int, int]]:
+    """(in, out) of every product a decode step runs, by name."""
+    body = {"q_proj": (HIDDEN, HEADS * HEAD_DIM), "k_proj/v_proj": (HIDDEN, KV_HEADS * HEAD_DIM),
+            "o_proj": (HEADS * HEAD_DIM, HIDDEN), "gate_proj/up_proj": (HIDDEN, INTERMEDIATE),
+            "down_proj": (INTERMEDIATE, HIDDEN), "output layer": (HIDDEN, VOCAB)}
+    lora = {f"lora_A {n}": (k, rank) for n, (k, _) in body.items() if n != "output layer"}
+    lora |= {f"lora_B {n}": (rank, m) for n, (_, m) in body.items() if n != "output layer"}
+    return body | lora
+
+
+def tiled(x: torch.Tensor, w: torch.Tensor, tile: int) -> torch.Tensor:
+    """x @ w.T computed on fixed `tile`-row tiles, the last filled with zero rows."""
+    rows = x.shape[0]
+    padded = torch.cat([x, x.new_zeros(-rows % tile, x.shape[1])])
+    return torch.cat([F.linear(padded[i: i + tile], w) for i in range(0, padded.shape[0], tile)])[:rows]
+
+
+def first_differing_batch(w: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> int | None:
+    x = torch.randn(max(SIZES), w.shape[1], generator=gen).to(dtype)
+    alone = torch.cat([F.linear(x[i: i + 1], w) for i in range(x.shape[0])])
+    return next((m for m in SIZES if not torch.equal(F.linear(x[:m], w), alone[:m])), None)
+
+
+def tile_invariant(w: torch.Tensor, dtype: torch.dtype, tile: int, gen: torch.Generator, trials: int = 5) -> bool:
+    x = torch.randn(tile, w.shape[1], generator=gen).to(dtype)
+    ref = tiled(x, w, tile)
+    for _ in range(trials):
+        perm = torch.randperm(tile, generator=gen)
+        mixed = torch.randn(tile, w.shape[1], generator=gen).to(dtype)
+        mixed[: tile // 2] = x[perm[: tile // 2]]
+        if not (torch.equal(tiled(mixed, w, tile)[: tile // 2], ref[perm[: tile // 2]])
+                and torch.equal(tiled(x[perm[:3]], w, tile), ref[perm[:3]])):
+            return False
+    return True
+
+
+def attention_padding_invariant(dtype: torch.dtype, gen: torch.Generator, keys: int = 50) -> dict[int, bool]:
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(1, KV_HEADS, keys, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    result = {}
+    for pad in (1, 7, 40, 250):
+        kp, vp = (torch.cat([t.new_zeros(1, KV_HEADS, pad, HEAD_DIM), t], dim=2) for t in (k, v))
+        mask = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(keys, dtype=torch.bool)])[None, None, None]
+        result[pad] = torch.equal(F.scaled_dot_product_attention(q, kp, vp, attn_mask=mask, enable_gqa=True), ref)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--tile", type=int, default=32, help="rows a tiled product always runs on")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "",
+              "tile": a.tile, "sizes_tried": list(SIZES), "products": {}, "attention_padding": {}}
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        for product, (k, m) in shapes(a.rank).items():
+            w = (0.05 * torch.randn(m, k, generator=gen)).to(dtype)
+            row = {"plain_first_differing_batch": first_differing_batch(w, dtype, gen),
+                   f"tiled_{a.tile}_invariant": tile_invariant(w, dtype, a.tile, gen)}
+            result["products"][f"{name} {product} {k}->{m}"] = row
+            print(f"{name:8} {product:22} {k:>5} -> {m:<6} plain: rows differ from batch "
+                  f"{row['plain_first_differing_batch'] or 'never (up to 96)'}; "
+                  f"{a.tile}-row tiles invariant: {row[f'tiled_{a.tile}_invariant']}", flush=True)
+        result["attention_padding"][name] = pad = attention_padding_invariant(dtype, gen)
+        print(f"{name:8} attention, one query over 50 keys, equal with masked left padding of {pad}", flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

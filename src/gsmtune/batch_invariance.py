@@ -1,0 +1,97 @@
+"""Decoding whose every row computes the same bits whatever other rows share its batch (`generation.batch_invariant`).
+
+Where the batch leaks into a row's numbers on CPU (`benchmarks/row_invariance.py`, BENCHMARKS.md):
+- matrix products: the library picks its kernel by the number of rows, and kernels sum in different orders (float32
+  rows differ from 2 rows on, bf16's 2048 -> 640 from 7 rows on the AMD EPYC, from 33 rows on the Intel Xeon);
+  products always run here on fixed `TILE`-row tiles, the last filled with zero rows: with one kernel for every tile,
+  a row's result depended on nothing but the row (every product shape of Gemma 3 270M and its LoRA, both dtypes, on
+  the AMD EPYC; the Intel Xeon not checked yet);
+- attention: a row's masked left padding (the length of the batch's longest row) changes SDPA's sums; here each row
+  attends alone, over its own positions only;
+- checked drafts (`generation.draft_tokens`): a drafted position attends in one call with its row's other new
+  positions, a plain one alone; the mode turns them off.
+Reductions along a row (the norms, softmax) were row-invariant already. No library offers this on CPU (the known
+batch-invariant kernels are CUDA ones), hence by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
+ROWWISE = "gsmtune_rowwise"
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` on fixed TILE-row tiles of x's rows (zero rows fill the last tile)."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n % TILE:
+        rows = torch.cat([rows, rows.new_zeros(TILE - n % TILE, rows.shape[1])])
+    out = torch.cat([F.linear(rows[i: i + TILE], weight, bias) for i in range(0, rows.shape[0], TILE)])
+    return out[:n].reshape(*x.shape[:-1], weight.shape[0])
+
+
+def rowwise_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA for each row alone: its own queries (not the left padding of a batched prefill) over the key positions its
+    mask lets them see (its own), with an explicit mask always (a missing mask is the causal one), so a row meets the
+    same call at any batch size. Padding queries get zeros."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None].expand(query.shape[0], 1, q_len, kv_len)
+    elif attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    seen = attention_mask.any(dim=2)[:, 0].int()  # [rows, kv]: key positions some query of the row attends to
+    first = seen.argmax(-1).tolist()
+    last = (kv_len - seen.flip(-1).argmax(-1)).tolist()
+    groups = query.shape[1] // key.shape[1]
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    for r, (lo, hi) in enumerate(zip(first, last, strict=True)):
+        own = max(0, lo - (kv_len - q_len))  # the row's first query: queries are the last q_len key positions
+        out[r: r + 1, :, own:] = F.scaled_dot_product_attention(
+            query[r: r + 1, :, own:], key[r: r + 1, :, lo:hi], value[r: r + 1, :, lo:hi],
+            attn_mask=attention_mask[r: r + 1, :, own:, lo:hi], scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ROWWISE, rowwise_attention)
+AttentionMaskInterface.register(ROWWISE, sdpa_mask)
+
+
+@contextlib.contextmanager
+def batch_invariant(model: nn.Module) -> Iterator[None]:
+    """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention row by row."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    forwards = [m.__dict__.get("forward") for m in linears]  # an instance's own forward (a screen's), put back after
+    configs = list({id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+                    and hasattr(c, "_attn_implementation")}.values())
+    attention = [c._attn_implementation for c in configs]
+    for m in linears:
+        m.forward = functools.partial(_tiled_forward, m)
+    for c in configs:
+        c._attn_implementation = ROWWISE
+    try:
+        yield
+    finally:
+        for m, forward in zip(linears, forwards, strict=True):
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
+        for c, name in zip(configs, attention, strict=True):
+            c._attn_implementation = name
+
+
+def _tiled_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return tiled_linear(x, module.weight, module.bias)
