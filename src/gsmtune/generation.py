@@ -304,9 +304,9 @@ def _draft_tokens(model, gen_cfg) -> int:
     bf16/fp16 and none in float32, where the extra positions cost more than they save on a CPU (BENCHMARKS.md). A
     generation config without the key (a caller's own) gets the default. None in the batch-invariant mode: a drafted
     position attends in one call with the row's other new positions, a plain one alone, and attention's sums differ."""
-    wanted = getattr(gen_cfg, "draft_tokens", None)
     if getattr(gen_cfg, "batch_invariant", False):
         return 0
+    wanted = getattr(gen_cfg, "draft_tokens", None)
     if wanted is not None:
         return wanted
     return 8 if model.get_output_embeddings().weight.dtype in (torch.bfloat16, torch.float16) else 0
