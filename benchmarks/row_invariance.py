@@ -9,8 +9,10 @@ and dtype, not on values):
   computed alone (none: rows equal at every M tried);
 - tiled: whether products run on fixed T-row tiles (zero rows filling the last) give every row the same bits whatever
   rows share its tile and wherever it sits in it (moved, mixed with new rows).
-And attention (torch's SDPA, the decode loop's): one query over the same keys, with and without masked left padding
-(the positions other rows' longer prompts add), equal or not.
+And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
+prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
+(`gsmtune.batch_invariance.chunked_decode_attention`); and that attention's two batched products (one chunk of keys a
+row): the first batch count at which an element differs from the same product alone.
 No model weights are loaded; seconds on a CPU.
 """
 
@@ -76,6 +78,35 @@ def attention_padding_invariant(dtype: torch.dtype, gen: torch.Generator, keys: 
     return result
 
 
+def attention_products_first_differing_batch(dtype: torch.dtype, gen: torch.Generator) -> dict[str, int | None]:
+    """The chunked decode attention's batched products (scores, weighted values) against each product alone."""
+    from gsmtune.batch_invariance import CHUNK
+
+    result = {}
+    for name, (m, k, n) in {"scores": (HEADS, HEAD_DIM, CHUNK), "weighted values": (HEADS, CHUNK, HEAD_DIM)}.items():
+        a, b = torch.randn(max(SIZES), m, k, generator=gen).to(dtype), torch.randn(max(SIZES), k, n, generator=gen)
+        b = b.to(dtype)
+        alone = torch.cat([torch.matmul(a[i: i + 1], b[i: i + 1]) for i in range(a.shape[0])])
+        result[f"{name} {m}x{k}x{n}"] = next((s for s in SIZES if not torch.equal(torch.matmul(a[:s], b[:s]),
+                                                                                    alone[:s])), None)
+    return result
+
+
+def chunked_attention_padding_invariant(dtype: torch.dtype, gen: torch.Generator, keys: int = 300) -> dict[int, bool]:
+    """The mode's decode attention: one query over `keys` keys, alone and after masked left padding."""
+    from gsmtune.batch_invariance import chunked_decode_attention
+
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(1, KV_HEADS, keys, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+    ref = chunked_decode_attention(q, k, v, torch.ones(1, keys, dtype=torch.bool), HEAD_DIM ** -0.5)
+    result = {}
+    for pad in (1, 7, 40, 250):
+        kp, vp = (torch.cat([t.new_zeros(1, KV_HEADS, pad, HEAD_DIM), t], dim=2) for t in (k, v))
+        mask = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(keys, dtype=torch.bool)])[None]
+        result[pad] = torch.equal(chunked_decode_attention(q, kp, vp, mask, HEAD_DIM ** -0.5), ref)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -84,7 +115,8 @@ def main() -> None:
     a = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "",
-              "tile": a.tile, "sizes_tried": list(SIZES), "products": {}, "attention_padding": {}}
+              "tile": a.tile, "sizes_tried": list(SIZES), "products": {}, "attention_padding": {},
+              "chunked_attention_padding": {}, "attention_products_first_differing_batch": {}}
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         for product, (k, m) in shapes(a.rank).items():
@@ -97,6 +129,11 @@ def main() -> None:
                   f"{a.tile}-row tiles invariant: {row[f'tiled_{a.tile}_invariant']}", flush=True)
         result["attention_padding"][name] = pad = attention_padding_invariant(dtype, gen)
         print(f"{name:8} attention, one query over 50 keys, equal with masked left padding of {pad}", flush=True)
+        result["chunked_attention_padding"][name] = pad = chunked_attention_padding_invariant(dtype, gen)
+        print(f"{name:8} chunked decode attention, 300 keys, equal with masked left padding of {pad}", flush=True)
+        result["attention_products_first_differing_batch"][name] = first = attention_products_first_differing_batch(
+            dtype, gen)
+        print(f"{name:8} chunked decode attention's batched products, first differing batch: {first}", flush=True)
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
 

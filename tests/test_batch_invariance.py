@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import sliding_model
 
-from gsmtune.batch_invariance import TILE, batch_invariant, rowwise_attention, tiled_linear
+from gsmtune.batch_invariance import CHUNK, TILE, batch_invariant, rowwise_attention, tiled_linear
 from gsmtune.generation import StopRules, _prefill, generate, stream
 
 
@@ -20,19 +20,60 @@ def test_tiled_linear_rows_do_not_depend_on_the_batch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rowwise_attention_ignores_other_rows_padding(dtype):
-    """A row padded on the left for a longer neighbour attends exactly as it does alone; values match SDPA's."""
+@pytest.mark.parametrize(("kv_len", "own"), [(60, 15), (CHUNK + 60, CHUNK - 3), (3 * CHUNK + 7, 2 * CHUNK + 1)])
+def test_decode_attention_ignores_other_rows_padding(dtype, kv_len, own):
+    """A decode step's row padded on the left for a longer neighbour attends exactly as it does alone, across chunk
+    boundaries and with a sliding window's masked keys; values match SDPA's."""
     torch.manual_seed(0)
     module = torch.nn.Module()
-    q = torch.randn(2, 2, 1, 16).to(dtype)
-    k, v = torch.randn(2, 1, 60, 16).to(dtype), torch.randn(2, 1, 60, 16).to(dtype)
-    mask = torch.ones(2, 1, 1, 60, dtype=torch.bool)
-    mask[0, ..., :45] = False  # row 0 has 15 positions, row 1 all 60
+    q = torch.randn(3, 4, 1, 16).to(dtype)
+    k, v = torch.randn(3, 1, kv_len, 16).to(dtype), torch.randn(3, 1, kv_len, 16).to(dtype)
+    mask = torch.ones(3, 1, 1, kv_len, dtype=torch.bool)
+    mask[0, ..., : kv_len - own] = False  # row 0 has `own` positions, row 1 all of them
+    mask[2, ..., : kv_len - 40] = False  # row 2: a window over its last 40
     together, _ = rowwise_attention(module, q, k, v, mask)
-    alone, _ = rowwise_attention(module, q[:1], k[:1, :, 45:], v[:1, :, 45:], None)
+    alone, _ = rowwise_attention(module, q[:1], k[:1, :, -own:], v[:1, :, -own:], None)
     assert torch.equal(together[:1], alone)
+    window = mask[2:].clone()
+    window[..., : kv_len - 40] = False
+    alone_in_window, _ = rowwise_attention(module, q[2:], k[2:], v[2:], window)
+    assert torch.equal(together[2:], alone_in_window)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(together, reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_positions_attend_as_single_steps_would(dtype):
+    """Bitwise: 3 new positions in one call (checked drafts) against one call per position, each over the keys up to
+    it (a float32 SDPA over the 3 together fails this)."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    q = torch.randn(2, 4, 3, 64).to(dtype)
+    k, v = torch.randn(2, 1, CHUNK + 50, 64).to(dtype), torch.randn(2, 1, CHUNK + 50, 64).to(dtype)
+    mask = torch.ones(2, 1, 3, CHUNK + 50, dtype=torch.bool).tril(CHUNK + 47)
+    mask[0, ..., :30] = False
+    together, _ = rowwise_attention(module, q, k, v, mask)
+    ends = range(CHUNK + 48, CHUNK + 51)
+    single = torch.cat([rowwise_attention(module, q[:, :, j: j + 1], k[:, :, :end], v[:, :, :end],
+                                          mask[:, :, j: j + 1, :end])[0] for j, end in enumerate(ends)], dim=1)
+    assert torch.equal(together, single)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_ignores_other_rows_padding(dtype):
+    """A prefill row padded on the left attends exactly as it does alone; values match SDPA's."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    q, k, v = (torch.randn(2, 2 if i == 0 else 1, 30, 16).to(dtype) for i in range(3))
+    causal = torch.ones(30, 30, dtype=torch.bool).tril()
+    mask = causal[None, None].repeat(2, 1, 1, 1)
+    mask[0, ..., :12] = False  # row 0: 18 positions after 12 of padding
+    together, _ = rowwise_attention(module, q, k, v, mask)
+    alone, _ = rowwise_attention(module, q[:1, :, 12:], k[:1, :, 12:], v[:1, :, 12:], None)
+    assert torch.equal(together[:1, 12:], alone)
+    assert not together[0, :12].any()  # padding queries get zeros
+    reference = F.scaled_dot_product_attention(q[1:], k[1:], v[1:], is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(together[1:], reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
 def _prompts(tok):
@@ -84,15 +125,31 @@ def test_rows_the_float32_screen_cannot_prove_get_the_tiled_product(tiny_tokeniz
     assert torch.equal(together, alone)
 
 
-def test_no_drafts_in_the_batch_invariant_mode(tiny_tokenizer):
-    """A drafted position attends together with its row's other new positions, a plain one alone: drafts are off by
-    default in the mode, and asking for both is a config error."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drafted_positions_get_the_bits_of_plain_steps(tiny_tokenizer, monkeypatch, dtype):
+    """Drafts from an oracle (each row's true continuation, some cut short or with one wrong token) checked under the
+    mode: each drafted position attends as a plain step there would, so the completions at batch 3 with drafts are
+    those of each prompt alone without them (in float32, attending with the other new positions fails this)."""
+    from gsmtune import generation
     from gsmtune.config import load_config
-    from gsmtune.errors import GsmtuneError
-    from gsmtune.generation import _draft_tokens
 
-    model = sliding_model(tiny_tokenizer, seed=1).to(torch.bfloat16)
-    assert _draft_tokens(model, load_config(None, []).generation) == 8
-    assert _draft_tokens(model, load_config(None, ["generation.batch_invariant=true"]).generation) == 0
-    with pytest.raises(GsmtuneError, match="generation.draft_tokens=8 with generation.batch_invariant=true"):
-        load_config(None, ["generation.batch_invariant=true", "generation.draft_tokens=8"])
+    tok = tiny_tokenizer
+    model = sliding_model(tok, seed=1).to(dtype)
+    prompts, none = _prompts(tok), StopRules(False, False)
+    mode = ["generation.max_new_tokens=24", "generation.batch_invariant=true"]
+    plain = load_config(None, [*mode, "generation.draft_tokens=0"]).generation
+    alone = [generate(model, tok, [p], plain, none)[0] for p in prompts]
+    calls = []
+
+    def oracle(self, k):
+        row = next(i for i, p in enumerate(prompts) if self.tokens[:len(p)] == p)
+        done = len(self.tokens) - len(prompts[row])
+        draft = alone[row].token_ids[done:done + k][: (len(calls) % 5) + 1]
+        calls.append(len(draft))
+        return draft[:-1] + [draft[-1] + 1] if draft and len(calls) % 3 == 0 else draft
+
+    monkeypatch.setattr(generation.Lookup, "draft", oracle)
+    drafted = load_config(None, [*mode, "generation.draft_tokens=8"]).generation
+    together = dict(stream(model, tok, prompts, drafted, none, batch_size=3))
+    assert [together[i] for i in range(len(prompts))] == alone
+    assert sum(calls) > 20

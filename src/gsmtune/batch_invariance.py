@@ -6,10 +6,11 @@ Where the batch leaks into a row's numbers on CPU (`benchmarks/row_invariance.py
   products always run here on fixed `TILE`-row tiles, the last filled with zero rows: with one kernel for every tile,
   a row's result depended on nothing but the row (every product shape of Gemma 3 270M and its LoRA, both dtypes, on
   the AMD EPYC; the Intel Xeon not checked yet);
-- attention: a row's masked left padding (the length of the batch's longest row) changes SDPA's sums; here each row
-  attends alone, over its own positions only;
+- attention: a row's masked left padding (the length of the batch's longest row) changes SDPA's sums; here a
+  prefill attends row by row, over each row's own positions, and a decode step over chunks of keys counted back from
+  the newest (`chunked_decode_attention`);
 - checked drafts (`generation.draft_tokens`): a drafted position attends in one call with its row's other new
-  positions, a plain one alone; the mode turns them off.
+  positions, a plain one alone; here each new position attends as a decode step there would.
 Reductions along a row (the norms, softmax) were row-invariant already. No library offers this on CPU (the known
 batch-invariant kernels are CUDA ones), hence by hand.
 """
@@ -28,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
 ROWWISE = "gsmtune_rowwise"
+CHUNK = 128  # key positions a decode step's attention product covers at once
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,15 +45,25 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def rowwise_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA for each row alone: its own queries (not the left padding of a batched prefill) over the key positions its
-    mask lets them see (its own), with an explicit mask always (a missing mask is the causal one), so a row meets the
-    same call at any batch size. Padding queries get zeros."""
+    """Attention whose rows meet the same calls at any batch size. Padding queries get zeros.
+
+    A call that extends a cache (a decode step; checked drafts) runs `chunked_decode_attention` for the whole batch
+    once per new position, over the keys up to that position: a position then gets the same bits whether it is
+    decoded alone or drafted beside others. A prefill (no earlier keys) runs SDPA for each row alone: its own queries
+    (not the left padding of a batched prefill) over the key positions its mask lets them see, with an explicit mask
+    always (a missing mask is the causal one).
+    """
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None:
         causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         attention_mask = causal[None, None].expand(query.shape[0], 1, q_len, kv_len)
     elif attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0
+    if kv_len > q_len:  # extends a cache: each new position as a decode step there would see it
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.cat([chunked_decode_attention(query[:, :, j: j + 1], key[:, :, :end], value[:, :, :end],
+                                                   attention_mask[:, 0, j, :end], scaling)
+                          for j, end in enumerate(range(kv_len - q_len + 1, kv_len + 1))], dim=1), None
     seen = attention_mask.any(dim=2)[:, 0].int()  # [rows, kv]: key positions some query of the row attends to
     first = seen.argmax(-1).tolist()
     last = (kv_len - seen.flip(-1).argmax(-1)).tolist()
@@ -63,6 +75,41 @@ def rowwise_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             query[r: r + 1, :, own:], key[r: r + 1, :, lo:hi], value[r: r + 1, :, lo:hi],
             attn_mask=attention_mask[r: r + 1, :, own:, lo:hi], scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous(), None
+
+
+def chunked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                             scaling: float) -> torch.Tensor:
+    """One query a row ([rows, heads, 1, dim]) over the keys `visible` ([rows, keys]) marks, batch-invariantly.
+
+    Keys are cut into CHUNK-position chunks counted back from the last position (where every row's newest key sits
+    in a left-padded cache), so a row's chunks hold the same keys at the same places whatever padding its batch
+    adds. Every chunk of every row is one product of fixed shape in a batched call (a row's bits do not depend on
+    how many run: `benchmarks/row_invariance.py`); the softmax takes the row's maximum over all its chunks, and the
+    chunks' sums are added from the newest back: chunks before a row's first key are all masked and add exact zeros.
+    Eager attention's products (scores and weights in the model's dtype, softmax in float32).
+    """
+    rows, heads, _, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    first = int(visible.any(0).int().argmax())  # the earliest key any row sees
+    chunks = -(-(kv_len - first) // CHUNK)
+    start = kv_len - chunks * CHUNK
+    if start < 0:  # the earliest chunk reaches before the cache: zero keys, masked
+        key, value = F.pad(key, (0, 0, -start, 0)), F.pad(value, (0, 0, -start, 0))
+        visible, start = F.pad(visible, (-start, 0)), 0
+    # contiguous copies: a batched product over strided chunks ran 3x slower than the copy and product together
+    keys = key[:, :, start:].contiguous().unflatten(2, (chunks, CHUNK))  # [rows, kv_heads, chunks, CHUNK, dim]
+    values = value[:, :, start:].contiguous().unflatten(2, (chunks, CHUNK))
+    q = query.reshape(rows, kv_heads, 1, heads // kv_heads, dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [rows, kv_heads, chunks, groups, CHUNK]
+    scores = scores.masked_fill(~visible[:, start:].reshape(rows, 1, chunks, 1, CHUNK), float("-inf"))
+    top = scores.amax(dim=(2, 4), keepdim=True)
+    weights = torch.exp(scores - top.clamp(min=torch.finfo(scores.dtype).min))  # a row that sees nothing: zeros
+    sums = weights.sum(-1, keepdim=True)
+    parts = torch.matmul(weights.to(value.dtype), values).float()  # [rows, kv_heads, chunks, groups, dim]
+    total, out = sums[:, :, -1], parts[:, :, -1]
+    for c in range(chunks - 2, -1, -1):
+        total, out = total + sums[:, :, c], out + parts[:, :, c]
+    return (out / total.clamp(min=torch.finfo(total.dtype).tiny)).to(query.dtype).reshape(rows, 1, heads, -1)
 
 
 AttentionInterface.register(ROWWISE, rowwise_attention)

@@ -312,9 +312,6 @@ def _validate(cfg: DictConfig) -> None:
         raise GsmtuneError("generation.max_new_tokens, generation.batch_size and generation.num_samples must be positive")
     if cfg.generation.draft_tokens is not None and cfg.generation.draft_tokens < 0:
         raise GsmtuneError(f"generation.draft_tokens={cfg.generation.draft_tokens} must be 0 (off), more, or null (auto)")
-    if cfg.generation.batch_invariant and cfg.generation.draft_tokens:
-        raise GsmtuneError(f"generation.draft_tokens={cfg.generation.draft_tokens} with generation.batch_invariant=true: "
-                           "drafts make a row's results depend on its batch; set generation.draft_tokens=null or 0")
     g = cfg.generation
     sampling = g.do_sample or g.num_samples > 1
     if sampling and (g.temperature <= 0 or not 0 < g.top_p <= 1 or g.top_k < 0):

@@ -302,10 +302,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
 def _draft_tokens(model, gen_cfg) -> int:
     """Drafts a row may check a step: `generation.draft_tokens`, or by default 8 where the output layer computes in
     bf16/fp16 and none in float32, where the extra positions cost more than they save on a CPU (BENCHMARKS.md). A
-    generation config without the key (a caller's own) gets the default. None in the batch-invariant mode: a drafted
-    position attends in one call with the row's other new positions, a plain one alone, and attention's sums differ."""
-    if getattr(gen_cfg, "batch_invariant", False):
-        return 0
+    generation config without the key (a caller's own) gets the default."""
     wanted = getattr(gen_cfg, "draft_tokens", None)
     if wanted is not None:
         return wanted
