@@ -70,7 +70,7 @@ class GenerationConfig:
     calculator: bool = False  # force computed results into '<<expression=' annotations
     num_samples: int = 1  # > 1: self-consistency, k sampled completions per problem beside the greedy one
     draft_tokens: int | None = None  # greedy tail steps check this many looked-up tokens; None: 8 in bf16, 0 in fp32
-    batch_invariant: bool = False  # each row's bits independent of the batch (tiled products, row-wise attention)
+    batch_invariant: bool = False  # each row's bits independent of the batch (tiled products, batch-invariant attention)
 
 
 @dataclass
