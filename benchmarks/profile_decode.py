@@ -5,6 +5,7 @@
     python benchmarks/profile_decode.py --data ... --model RUN/model --dtype float32 --screen both   # the screen's lever
     python benchmarks/profile_decode.py ... --samples 5   # self-consistency's sampling (temperature 0.7, top-k 50)
     python benchmarks/profile_decode.py --data ... --drafts both   # drafts looked up in each row: off, then on
+    python benchmarks/profile_decode.py --data ... --batch-invariant both   # plain, then generation.batch_invariant
 
 Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy or, with
 --samples, self-consistency's sampling; the '####' and 'Question:' stops) with a clock around every model call.
@@ -119,6 +120,8 @@ def main() -> None:
     p.add_argument("--drafts", choices=("auto", "on", "off", "both"), default="auto",
                    help="greedy drafts looked up in each row: generation.draft_tokens null (auto), 8 (on) or 0 (off); "
                         "both: off then on, in one process, same completions checked")
+    p.add_argument("--batch-invariant", choices=("on", "off", "both"), default="off",
+                   help="generation.batch_invariant; both: off then on, in one process, identical completions counted")
     p.add_argument("--samples", type=int, default=0,
                    help="k sampled completions per problem (temperature 0.7, top-k 50) instead of greedy")
     p.add_argument("--step-sweep", action="store_true", help="time one decode step per batch size instead")
@@ -149,16 +152,18 @@ def main() -> None:
         k = max(a.samples, 1)
         prompts, keys = [p for p in prompts for _ in range(k)], [f"{i}/{j}" for i in range(a.n) for j in range(k)]
         result = header | {"n": a.n, "samples": a.samples, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
-        if a.screen == "both" and a.drafts == "both":
-            p.error("--screen both and --drafts both: measure one lever at a time")
+        if [a.screen, a.drafts, a.batch_invariant].count("both") > 1:
+            p.error("more than one of --screen, --drafts, --batch-invariant is 'both': measure one lever at a time")
         depth = {"auto": None, "off": 0}.get(a.drafts, 8)
-        runs = ([("drafts_off", a.screen, 0), ("drafts_on", a.screen, depth)] if a.drafts == "both" else
-                [("screen_off", "off", depth), ("screen_on", "on", depth)] if a.screen == "both" else
-                [(f"screen_{a.screen}", a.screen, depth)])
-        for name, screen, drafts in runs:
+        mode = a.batch_invariant == "on"
+        runs = ([("drafts_off", a.screen, 0, mode), ("drafts_on", a.screen, depth, mode)] if a.drafts == "both" else
+                [("screen_off", "off", depth, mode), ("screen_on", "on", depth, mode)] if a.screen == "both" else
+                [("plain", a.screen, depth, False), ("batch_invariant", a.screen, depth, True)]
+                if a.batch_invariant == "both" else [(f"screen_{a.screen}", a.screen, depth, mode)])
+        for name, screen, drafts, invariant in runs:
             os.environ["GSMTUNE_SCREEN"] = screen
-            result[name] = profile_stream(lm, prompts, OmegaConf.merge(gen, {"draft_tokens": drafts}), a.batch_size,
-                                          keys)
+            cfg = OmegaConf.merge(gen, {"draft_tokens": drafts, "batch_invariant": invariant})
+            result[name] = profile_stream(lm, prompts, cfg, a.batch_size, keys)
         if len(runs) == 2:
             pairs = zip(*(result[name]["completions"] for name, *_ in runs), strict=True)
             result["identical_completions"] = sum(x == y for x, y in pairs)

@@ -20,14 +20,15 @@ def test_tiled_linear_rows_do_not_depend_on_the_batch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("kv_len", "own"), [(60, 15), (CHUNK + 60, CHUNK - 3), (3 * CHUNK + 7, 2 * CHUNK + 1)])
-def test_decode_attention_ignores_other_rows_padding(dtype, kv_len, own):
+@pytest.mark.parametrize(("kv_len", "own", "kv_heads"), [(60, 15, 1), (CHUNK + 60, CHUNK - 3, 2),
+                                                      (3 * CHUNK + 7, 2 * CHUNK + 1, 1)])
+def test_decode_attention_ignores_other_rows_padding(dtype, kv_len, own, kv_heads):
     """A decode step's row padded on the left for a longer neighbour attends exactly as it does alone, across chunk
-    boundaries and with a sliding window's masked keys; values match SDPA's."""
+    boundaries, with a sliding window's masked keys, with one or two key heads; values match SDPA's."""
     torch.manual_seed(0)
     module = torch.nn.Module()
     q = torch.randn(3, 4, 1, 16).to(dtype)
-    k, v = torch.randn(3, 1, kv_len, 16).to(dtype), torch.randn(3, 1, kv_len, 16).to(dtype)
+    k, v = torch.randn(3, kv_heads, kv_len, 16).to(dtype), torch.randn(3, kv_heads, kv_len, 16).to(dtype)
     mask = torch.ones(3, 1, 1, kv_len, dtype=torch.bool)
     mask[0, ..., : kv_len - own] = False  # row 0 has `own` positions, row 1 all of them
     mask[2, ..., : kv_len - 40] = False  # row 2: a window over its last 40
