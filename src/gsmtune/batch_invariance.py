@@ -69,11 +69,10 @@ def rowwise_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     last = (kv_len - seen.flip(-1).argmax(-1)).tolist()
     groups = query.shape[1] // key.shape[1]
     out = query.new_zeros(*query.shape[:3], value.shape[-1])
-    for r, (lo, hi) in enumerate(zip(first, last, strict=True)):
-        own = max(0, lo - (kv_len - q_len))  # the row's first query: queries are the last q_len key positions
-        out[r: r + 1, :, own:] = F.scaled_dot_product_attention(
-            query[r: r + 1, :, own:], key[r: r + 1, :, lo:hi], value[r: r + 1, :, lo:hi],
-            attn_mask=attention_mask[r: r + 1, :, own:, lo:hi], scale=scaling, enable_gqa=groups > 1)
+    for r, (lo, hi) in enumerate(zip(first, last, strict=True)):  # a prefill's queries sit at its key positions
+        out[r: r + 1, :, lo:] = F.scaled_dot_product_attention(
+            query[r: r + 1, :, lo:], key[r: r + 1, :, lo:hi], value[r: r + 1, :, lo:hi],
+            attn_mask=attention_mask[r: r + 1, :, lo:, lo:hi], scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -118,7 +117,7 @@ AttentionMaskInterface.register(ROWWISE, sdpa_mask)
 
 @contextlib.contextmanager
 def batch_invariant(model: nn.Module) -> Iterator[None]:
-    """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention row by row."""
+    """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention `rowwise_attention`."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     forwards = [m.__dict__.get("forward") for m in linears]  # an instance's own forward (a screen's), put back after
     configs = list({id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
