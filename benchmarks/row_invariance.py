@@ -12,7 +12,8 @@ and dtype, not on values):
 And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
 (`gsmtune.batch_invariance.chunked_decode_attention`); and that attention's two batched products (one chunk of keys a
-row): the first batch count at which an element differs from the same product alone.
+row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32): the first batch count at which an
+element differs from the same product alone.
 No model weights are loaded; seconds on a CPU.
 """
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 262_144  # Gemma 3 270M
 SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
+BATCHED = (*SIZES, 128, 192, 256, 320)  # the decode attention's products: rows x key heads x chunks of a step
 
 
 def shapes(rank: int) -> dict[str, tuple[int, int]]:
@@ -84,11 +86,11 @@ def attention_products_first_differing_batch(dtype: torch.dtype, gen: torch.Gene
 
     result = {}
     for name, (m, k, n) in {"scores": (HEADS, HEAD_DIM, CHUNK), "weighted values": (HEADS, CHUNK, HEAD_DIM)}.items():
-        a, b = torch.randn(max(SIZES), m, k, generator=gen).to(dtype), torch.randn(max(SIZES), k, n, generator=gen)
+        a, b = torch.randn(max(BATCHED), m, k, generator=gen).to(dtype), torch.randn(max(BATCHED), k, n, generator=gen)
         b = b.to(dtype)
         alone = torch.cat([torch.matmul(a[i: i + 1], b[i: i + 1]) for i in range(a.shape[0])])
-        result[f"{name} {m}x{k}x{n}"] = next((s for s in SIZES if not torch.equal(torch.matmul(a[:s], b[:s]),
-                                                                                    alone[:s])), None)
+        result[f"{name} {m}x{k}x{n}"] = next((s for s in BATCHED if not torch.equal(torch.matmul(a[:s], b[:s]),
+                                                                                      alone[:s])), None)
     return result
 
 
@@ -115,8 +117,9 @@ def main() -> None:
     a = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "",
-              "tile": a.tile, "sizes_tried": list(SIZES), "products": {}, "attention_padding": {},
-              "chunked_attention_padding": {}, "attention_products_first_differing_batch": {}}
+              "tile": a.tile, "sizes_tried": list(SIZES), "attention_product_batches_tried": list(BATCHED),
+              "products": {}, "attention_padding": {}, "chunked_attention_padding": {},
+              "attention_products_first_differing_batch": {}}
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         for product, (k, m) in shapes(a.rank).items():

@@ -136,7 +136,9 @@ def test_drafted_positions_get_the_bits_of_plain_steps(tiny_tokenizer, monkeypat
 
     tok = tiny_tokenizer
     model = sliding_model(tok, seed=1).to(dtype)
-    prompts, none = _prompts(tok), StopRules(False, False)
+    long = [tok.bos_token_id, *tok("Question: " + "1 2 " * 70 + "\nAnswer:", add_special_tokens=False)["input_ids"]]
+    assert len(long) > CHUNK  # its steps cross a chunk boundary, and the short rows beside it get masked lead chunks
+    prompts, none = [*_prompts(tok), long], StopRules(False, False)
     mode = ["generation.max_new_tokens=24", "generation.batch_invariant=true"]
     plain = load_config(None, [*mode, "generation.draft_tokens=0"]).generation
     alone = [generate(model, tok, [p], plain, none)[0] for p in prompts]

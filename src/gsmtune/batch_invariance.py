@@ -84,8 +84,9 @@ def chunked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     in a left-padded cache), so a row's chunks hold the same keys at the same places whatever padding its batch
     adds. Every chunk of every row is one product of fixed shape in a batched call (a row's bits do not depend on
     how many run: `benchmarks/row_invariance.py`); the softmax takes the row's maximum over all its chunks, and the
-    chunks' sums are added from the newest back: chunks before a row's first key are all masked and add exact zeros.
-    Eager attention's products (scores and weights in the model's dtype, softmax in float32).
+    chunks' sums are added from the newest back: chunks before a row's first key are all masked and add exact zeros
+    (a masked key's weight is 0 and its value finite: zeros, or a padding position's states). Products in the model's
+    dtype (scores; unnormalized weights times values), the exponentials, sums and the final division in float32.
     """
     rows, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
