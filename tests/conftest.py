@@ -138,6 +138,20 @@ def sliding_model(tokenizer, seed: int):
         pad_token_id=tokenizer.pad_token_id)).eval()
 
 
+def oracle_drafts(prompts: list[list[int]], completions, calls: list[int]):
+    """A `Lookup.draft` stand-in drafting each row's known continuation (`completions[row].token_ids`): a different
+    length each call (1-5 tokens, cut at k), every third draft with its last token wrong; `calls` gets each length."""
+
+    def draft(self, k: int) -> list[int]:
+        row = next(i for i, p in enumerate(prompts) if self.tokens[:len(p)] == p)
+        done = len(self.tokens) - len(prompts[row])
+        tokens = completions[row].token_ids[done:done + k][: (len(calls) % 5) + 1]
+        calls.append(len(tokens))
+        return tokens[:-1] + [tokens[-1] + 1] if tokens and len(calls) % 3 == 0 else tokens
+
+    return draft
+
+
 def pytest_collection_modifyitems(config, items):
     """The `gpu` tier runs where CUDA is; elsewhere each of its tests shows as skipped, with the way to run it."""
     import torch

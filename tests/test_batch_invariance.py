@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import sliding_model
+from conftest import oracle_drafts, sliding_model
 
 from gsmtune.batch_invariance import CHUNK, TILE, batch_invariant, rowwise_attention, tiled_linear
 from gsmtune.generation import StopRules, _prefill, generate, stream
@@ -144,14 +144,7 @@ def test_drafted_positions_get_the_bits_of_plain_steps(tiny_tokenizer, monkeypat
     alone = [generate(model, tok, [p], plain, none)[0] for p in prompts]
     calls = []
 
-    def oracle(self, k):
-        row = next(i for i, p in enumerate(prompts) if self.tokens[:len(p)] == p)
-        done = len(self.tokens) - len(prompts[row])
-        draft = alone[row].token_ids[done:done + k][: (len(calls) % 5) + 1]
-        calls.append(len(draft))
-        return draft[:-1] + [draft[-1] + 1] if draft and len(calls) % 3 == 0 else draft
-
-    monkeypatch.setattr(generation.Lookup, "draft", oracle)
+    monkeypatch.setattr(generation.Lookup, "draft", oracle_drafts(prompts, alone, calls))
     drafted = load_config(None, [*mode, "generation.draft_tokens=8"]).generation
     together = dict(stream(model, tok, prompts, drafted, none, batch_size=3))
     assert [together[i] for i in range(len(prompts))] == alone

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import sliding_model
+from conftest import oracle_drafts, sliding_model
 from transformers import DynamicCache
 
 from gsmtune.generation import Completion, RowText, StopRules, _finish, generate, left_pad, stop_token_ids
@@ -238,15 +238,8 @@ def test_rows_that_end_inside_accepted_drafts_leave_a_realigned_cache(tiny_token
     want = dict(generation.stream(model, tok, prompts, plain, StopRules(False, False), batch_size=4))
     calls = []
 
-    def oracle(self, k):
-        row = next(i for i, p in enumerate(prompts) if self.tokens[:len(p)] == p)
-        done = len(self.tokens) - len(prompts[row])
-        draft = want[row].token_ids[done:done + k][: (len(calls) % 5) + 1]
-        calls.append(len(draft))
-        return draft[:-1] + [draft[-1] + 1] if draft and len(calls) % 3 == 0 else draft
-
     events, realign = [], generation.realign
-    monkeypatch.setattr(generation.Lookup, "draft", oracle)
+    monkeypatch.setattr(generation.Lookup, "draft", oracle_drafts(prompts, want, calls))
     monkeypatch.setattr(generation, "realign", lambda cache, length, junk: events.append(len(junk)) or
                         realign(cache, length, junk))
     select = DynamicCache.batch_select_indices
