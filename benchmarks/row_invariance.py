@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gsmtune.batch_invariance import CHUNK, chunked_decode_attention, tiled_linear
+
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 262_144  # Gemma 3 270M
 SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
 BATCHED = (*SIZES, 128, 192, 256, 320)  # the decode attention's products: rows x key heads x chunks of a step
@@ -42,13 +44,6 @@ def shapes(rank: int) -> dict[str, tuple[int, int]]:
     return body | lora
 
 
-def tiled(x: torch.Tensor, w: torch.Tensor, tile: int) -> torch.Tensor:
-    """x @ w.T computed on fixed `tile`-row tiles, the last filled with zero rows."""
-    rows = x.shape[0]
-    padded = torch.cat([x, x.new_zeros(-rows % tile, x.shape[1])])
-    return torch.cat([F.linear(padded[i: i + tile], w) for i in range(0, padded.shape[0], tile)])[:rows]
-
-
 def first_differing_batch(w: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> int | None:
     x = torch.randn(max(SIZES), w.shape[1], generator=gen).to(dtype)
     alone = torch.cat([F.linear(x[i: i + 1], w) for i in range(x.shape[0])])
@@ -57,33 +52,43 @@ def first_differing_batch(w: torch.Tensor, dtype: torch.dtype, gen: torch.Genera
 
 def tile_invariant(w: torch.Tensor, dtype: torch.dtype, tile: int, gen: torch.Generator, trials: int = 5) -> bool:
     x = torch.randn(tile, w.shape[1], generator=gen).to(dtype)
-    ref = tiled(x, w, tile)
+    ref = tiled_linear(x, w, tile=tile)
     for _ in range(trials):
         perm = torch.randperm(tile, generator=gen)
         mixed = torch.randn(tile, w.shape[1], generator=gen).to(dtype)
         mixed[: tile // 2] = x[perm[: tile // 2]]
-        if not (torch.equal(tiled(mixed, w, tile)[: tile // 2], ref[perm[: tile // 2]])
-                and torch.equal(tiled(x[perm[:3]], w, tile), ref[perm[:3]])):
+        if not (torch.equal(tiled_linear(mixed, w, tile=tile)[: tile // 2], ref[perm[: tile // 2]])
+                and torch.equal(tiled_linear(x[perm[:3]], w, tile=tile), ref[perm[:3]])):
             return False
     return True
 
 
-def attention_padding_invariant(dtype: torch.dtype, gen: torch.Generator, keys: int = 50) -> dict[int, bool]:
+def padding_invariant(attend, dtype: torch.dtype, gen: torch.Generator, keys: int) -> dict[int, bool]:
+    """One query over `keys` keys, alone and after masked left padding: `attend(q, k, v, mask)`, mask [keys] bool."""
     q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
     k, v = (torch.randn(1, KV_HEADS, keys, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
-    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    ref = attend(q, k, v, torch.ones(keys, dtype=torch.bool))
     result = {}
     for pad in (1, 7, 40, 250):
         kp, vp = (torch.cat([t.new_zeros(1, KV_HEADS, pad, HEAD_DIM), t], dim=2) for t in (k, v))
-        mask = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(keys, dtype=torch.bool)])[None, None, None]
-        result[pad] = torch.equal(F.scaled_dot_product_attention(q, kp, vp, attn_mask=mask, enable_gqa=True), ref)
+        mask = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(keys, dtype=torch.bool)])
+        result[pad] = torch.equal(attend(q, kp, vp, mask), ref)
     return result
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """torch's SDPA as the plain decode loop calls it (no mask where every key is visible)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask.all() else mask[None, None, None],
+                                          enable_gqa=True)
+
+
+def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch-invariant mode's decode attention."""
+    return chunked_decode_attention(q, k, v, mask[None], HEAD_DIM ** -0.5)
 
 
 def attention_products_first_differing_batch(dtype: torch.dtype, gen: torch.Generator) -> dict[str, int | None]:
     """The chunked decode attention's batched products (scores, weighted values) against each product alone."""
-    from gsmtune.batch_invariance import CHUNK
-
     result = {}
     for name, (m, k, n) in {"scores": (HEADS, HEAD_DIM, CHUNK), "weighted values": (HEADS, CHUNK, HEAD_DIM)}.items():
         a, b = torch.randn(max(BATCHED), m, k, generator=gen).to(dtype), torch.randn(max(BATCHED), k, n, generator=gen)
@@ -91,21 +96,6 @@ def attention_products_first_differing_batch(dtype: torch.dtype, gen: torch.Gene
         alone = torch.cat([torch.matmul(a[i: i + 1], b[i: i + 1]) for i in range(a.shape[0])])
         result[f"{name} {m}x{k}x{n}"] = next((s for s in BATCHED if not torch.equal(torch.matmul(a[:s], b[:s]),
                                                                                       alone[:s])), None)
-    return result
-
-
-def chunked_attention_padding_invariant(dtype: torch.dtype, gen: torch.Generator, keys: int = 300) -> dict[int, bool]:
-    """The mode's decode attention: one query over `keys` keys, alone and after masked left padding."""
-    from gsmtune.batch_invariance import chunked_decode_attention
-
-    q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
-    k, v = (torch.randn(1, KV_HEADS, keys, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
-    ref = chunked_decode_attention(q, k, v, torch.ones(1, keys, dtype=torch.bool), HEAD_DIM ** -0.5)
-    result = {}
-    for pad in (1, 7, 40, 250):
-        kp, vp = (torch.cat([t.new_zeros(1, KV_HEADS, pad, HEAD_DIM), t], dim=2) for t in (k, v))
-        mask = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(keys, dtype=torch.bool)])[None]
-        result[pad] = torch.equal(chunked_decode_attention(q, kp, vp, mask, HEAD_DIM ** -0.5), ref)
     return result
 
 
@@ -130,9 +120,9 @@ def main() -> None:
             print(f"{name:8} {product:22} {k:>5} -> {m:<6} plain: rows differ from batch "
                   f"{row['plain_first_differing_batch'] or 'never (up to 96)'}; "
                   f"{a.tile}-row tiles invariant: {row[f'tiled_{a.tile}_invariant']}", flush=True)
-        result["attention_padding"][name] = pad = attention_padding_invariant(dtype, gen)
+        result["attention_padding"][name] = pad = padding_invariant(sdpa, dtype, gen, keys=50)
         print(f"{name:8} attention, one query over 50 keys, equal with masked left padding of {pad}", flush=True)
-        result["chunked_attention_padding"][name] = pad = chunked_attention_padding_invariant(dtype, gen)
+        result["chunked_attention_padding"][name] = pad = padding_invariant(chunked, dtype, gen, keys=300)
         print(f"{name:8} chunked decode attention, 300 keys, equal with masked left padding of {pad}", flush=True)
         result["attention_products_first_differing_batch"][name] = first = attention_products_first_differing_batch(
             dtype, gen)

@@ -32,13 +32,14 @@ ROWWISE = "gsmtune_rowwise"
 CHUNK = 128  # key positions a decode step's attention product covers at once
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` on fixed TILE-row tiles of x's rows (zero rows fill the last tile)."""
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 tile: int = TILE) -> torch.Tensor:
+    """`F.linear` on fixed `tile`-row tiles of x's rows (zero rows fill the last tile)."""
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
-    if n % TILE:
-        rows = torch.cat([rows, rows.new_zeros(TILE - n % TILE, rows.shape[1])])
-    out = torch.cat([F.linear(rows[i: i + TILE], weight, bias) for i in range(0, rows.shape[0], TILE)])
+    if n % tile:
+        rows = torch.cat([rows, rows.new_zeros(tile - n % tile, rows.shape[1])])
+    out = torch.cat([F.linear(rows[i: i + tile], weight, bias) for i in range(0, rows.shape[0], tile)])
     return out[:n].reshape(*x.shape[:-1], weight.shape[0])
 
 
