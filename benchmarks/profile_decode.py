@@ -6,6 +6,7 @@
     python benchmarks/profile_decode.py ... --samples 5   # self-consistency's sampling (temperature 0.7, top-k 50)
     python benchmarks/profile_decode.py --data ... --drafts both   # drafts looked up in each row: off, then on
     python benchmarks/profile_decode.py --data ... --batch-invariant both   # plain, then generation.batch_invariant
+    python benchmarks/profile_decode.py --data ... --pack both   # bf16 weights packed for oneDNN: off, then on
 
 Runs `gsmtune.generation.stream` as `gsmtune eval` does (zero-shot prompts sorted by length, greedy or, with
 --samples, self-consistency's sampling; the '####' and 'Question:' stops) with a clock around every model call.
@@ -122,6 +123,9 @@ def main() -> None:
                         "both: off then on, in one process, same completions checked")
     p.add_argument("--batch-invariant", choices=("on", "off", "both"), default="off",
                    help="generation.batch_invariant; both: off then on, in one process, identical completions counted")
+    p.add_argument("--pack", choices=("on", "off", "both"), default="on",
+                   help="bf16 weights packed for oneDNN (packed_weights, GSMTUNE_PACK); both: off then on, in one "
+                        "process, identical completions counted")
     p.add_argument("--samples", type=int, default=0,
                    help="k sampled completions per problem (temperature 0.7, top-k 50) instead of greedy")
     p.add_argument("--step-sweep", action="store_true", help="time one decode step per batch size instead")
@@ -152,17 +156,18 @@ def main() -> None:
         k = max(a.samples, 1)
         prompts, keys = [p for p in prompts for _ in range(k)], [f"{i}/{j}" for i in range(a.n) for j in range(k)]
         result = header | {"n": a.n, "samples": a.samples, "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens}
-        if [a.screen, a.drafts, a.batch_invariant].count("both") > 1:
-            p.error("more than one of --screen, --drafts, --batch-invariant is 'both': measure one lever at a time")
-        depth = {"auto": None, "off": 0}.get(a.drafts, 8)
-        mode = a.batch_invariant == "on"
-        runs = ([("drafts_off", a.screen, 0, mode), ("drafts_on", a.screen, depth, mode)] if a.drafts == "both" else
-                [("screen_off", "off", depth, mode), ("screen_on", "on", depth, mode)] if a.screen == "both" else
-                [("plain", a.screen, depth, False), ("batch_invariant", a.screen, depth, True)]
-                if a.batch_invariant == "both" else [(f"screen_{a.screen}", a.screen, depth, mode)])
-        for name, screen, drafts, invariant in runs:
-            os.environ["GSMTUNE_SCREEN"] = screen
-            cfg = OmegaConf.merge(gen, {"draft_tokens": drafts, "batch_invariant": invariant})
+        levers = {"screen": a.screen, "drafts": a.drafts, "batch_invariant": a.batch_invariant, "pack": a.pack}
+        both = [name for name, value in levers.items() if value == "both"]
+        if len(both) > 1:
+            p.error(f"{' and '.join(both)} are both 'both': measure one lever at a time")
+        off = {"screen": "off", "drafts": "off", "batch_invariant": "off", "pack": "off"}
+        on = {"screen": "on", "drafts": "on" if a.drafts == "both" else a.drafts, "batch_invariant": "on", "pack": "on"}
+        runs = ([(f"{both[0]}_off", levers | {both[0]: off[both[0]]}), (f"{both[0]}_on", levers | {both[0]: on[both[0]]})]
+                if both else [("run", levers)])
+        for name, run in runs:
+            os.environ["GSMTUNE_SCREEN"], os.environ["GSMTUNE_PACK"] = run["screen"], run["pack"]
+            cfg = OmegaConf.merge(gen, {"draft_tokens": {"auto": None, "off": 0}.get(run["drafts"], 8),
+                                        "batch_invariant": run["batch_invariant"] == "on"})
             result[name] = profile_stream(lm, prompts, cfg, a.batch_size, keys)
         if len(runs) == 2:
             pairs = zip(*(result[name]["completions"] for name, *_ in runs), strict=True)

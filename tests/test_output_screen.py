@@ -84,7 +84,9 @@ def test_a_model_that_trained_since_gets_a_new_screen(tiny_tokenizer):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(2)
     with screened_output_layer(model) as second:
-        assert second is not first and torch.equal(second.weight16, model.get_output_embeddings().weight.bfloat16())
+        weight = model.get_output_embeddings().weight
+        x = torch.randn(3, weight.shape[1], dtype=torch.bfloat16)
+        assert second is not first and torch.equal(second.screen(x), x @ weight.bfloat16().T)
 
 
 def test_two_streams_on_one_model_leave_it_as_it_was(tiny_tokenizer):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,17 @@ CHUNK = 128  # key positions a decode step's attention product covers at once
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  tile: int = TILE) -> torch.Tensor:
     """`F.linear` on fixed `tile`-row tiles of x's rows (zero rows fill the last tile)."""
+    return tiled(x, functools.partial(F.linear, weight=weight, bias=bias), tile)
+
+
+def tiled(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], tile: int = TILE) -> torch.Tensor:
+    """`product` (a linear layer's: `F.linear`, or its packed weight's) on fixed `tile`-row tiles of x's rows."""
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
     if n % tile:
         rows = torch.cat([rows, rows.new_zeros(tile - n % tile, rows.shape[1])])
-    out = torch.cat([F.linear(rows[i: i + tile], weight, bias) for i in range(0, rows.shape[0], tile)])
-    return out[:n].reshape(*x.shape[:-1], weight.shape[0])
+    out = torch.cat([product(rows[i: i + tile]) for i in range(0, rows.shape[0], tile)])
+    return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
 
 def rowwise_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -119,14 +124,16 @@ AttentionMaskInterface.register(ROWWISE, sdpa_mask)
 
 @contextlib.contextmanager
 def batch_invariant(model: nn.Module) -> Iterator[None]:
-    """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention `rowwise_attention`."""
+    """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention `rowwise_attention`.
+    A layer's tiles run the product it had on entry (its packed weight's, `packed_weights`), else `F.linear`."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    forwards = [m.__dict__.get("forward") for m in linears]  # an instance's own forward (a screen's), put back after
+    forwards = [m.__dict__.get("forward") for m in linears]  # an instance's own forward (a packed weight's), put back after
     configs = list({id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                     and hasattr(c, "_attn_implementation")}.values())
     attention = [c._attn_implementation for c in configs]
-    for m in linears:
-        m.forward = functools.partial(_tiled_forward, m)
+    for m, forward in zip(linears, forwards, strict=True):
+        m.forward = functools.partial(tiled, product=forward or functools.partial(F.linear, weight=m.weight,
+                                                                                  bias=m.bias))
     for c in configs:
         c._attn_implementation = ROWWISE
     try:
@@ -140,6 +147,3 @@ def batch_invariant(model: nn.Module) -> Iterator[None]:
         for c, name in zip(configs, attention, strict=True):
             c._attn_implementation = name
 
-
-def _tiled_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return tiled_linear(x, module.weight, module.bias)

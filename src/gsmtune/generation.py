@@ -22,6 +22,7 @@ from gsmtune.calculator import Calculator
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import join, new_cache, realign, realign_mask, supports_joining, trim
 from gsmtune.output_screen import screened_output_layer
+from gsmtune.packed_weights import packed_linears
 from gsmtune.prompt_lookup import Lookup
 
 
@@ -166,6 +167,7 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
     done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
     waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
+    bf16 linear layers on CPU multiply by weights packed for oneDNN (`packed_weights`: the same bits, less time).
     Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens).
     Greedy decoding without the calculator checks drafts once few rows are left (`_draft_tokens`): each row
     feeds up to that many tokens looked up in its own text (`prompt_lookup`) after its chosen one, within a full
@@ -177,7 +179,7 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
         raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts: give one key per prompt")
     streams = [random.Random(f"{seed}/{key}") for key in keys] if sampler is not None else None
     invariant = batch_invariant(model) if getattr(gen_cfg, "batch_invariant", False) else contextlib.nullcontext()
-    with invariant, screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
+    with packed_linears(model), invariant, screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
         yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, streams, batch_size, on_text)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from gsmtune.models import bf16_supported
+from gsmtune.packed_weights import pack, packable, packed_linear
 
 CANDIDATES = 32  # on the LoRA main adapter, 32 bf16 candidates proved the token at all 982 positions tried
 SAMPLE_CANDIDATES = 1024  # top-50 sampling, T 0.7, LoRA main adapter: 1024 proved 119 of 119 positions tried, 100 only 8%
@@ -44,11 +45,14 @@ U_BF16, U_FP32 = 2.0**-8, 2.0**-24
 
 
 class Screen:
-    """A float32 output layer's bf16 copy and largest row norm, and how many rows were proven or recomputed."""
+    """A float32 output layer's bf16 product (its weight packed for oneDNN where bf16 runs natively: `packed_weights`)
+    and largest row norm, and how many rows were proven or recomputed."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.weight16 = weight.detach().to(torch.bfloat16)
+        weight16 = weight.detach().to(torch.bfloat16)
+        self.screen = (functools.partial(packed_linear, packed=pack(weight16)) if packable(weight16)
+                       else functools.partial(nn.functional.linear, weight=weight16))
         self.max_norm = float(weight.detach().norm(dim=1).max())
         self.version = (weight.data_ptr(), weight._version)
         self.proven = self.recomputed = 0
@@ -60,7 +64,7 @@ class Screen:
         candidates, bf16 elsewhere."""
         x = hidden.reshape(-1, hidden.shape[-1])
         weight = self.weight.detach()
-        screened = x.to(torch.bfloat16) @ self.weight16.T
+        screened = self.screen(x.to(torch.bfloat16))
         wanted = CANDIDATES if top_k is None else max(SAMPLE_CANDIDATES, 2 * top_k)
         top = screened.topk(min(wanted, screened.shape[-1]), dim=-1)
         exact = rowwise(x, weight[top.indices])

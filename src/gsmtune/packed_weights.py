@@ -1,0 +1,60 @@
+"""bf16 linear layers on CPU multiplying by weights packed once for oneDNN: the same bits as `F.linear`, less time.
+
+`F.linear` on a bf16 CPU weight runs oneDNN, which reorders the weight into its blocked layout at every call; at a
+decode step's 1-32 rows that reorder is a large part of the product (AMD EPYC: 2048 x 640 at 1 row 106 -> 43 us, at
+32 rows 327 -> 241 us; the 262k-row output layer at 32 rows 43 -> 30 ms, at 1 row 20 -> 13 ms, the memory floor).
+torch.compile's CPU freezing pass packs weights the same way (`mkldnn._reorder_linear_weight`,
+`mkldnn._linear_pointwise`); compiling the decode loop itself does not pay (its shapes change every step), so
+generation calls those two ops directly, on weights packed when it starts (0.2 s for Gemma 3 270M) and dropped when it
+ends, so a model that trains between decodes (GRPO) never multiplies by a stale pack. float32 weights are left to
+`F.linear`: there oneDNN's packed product sums in another order than MKL's, and float32 decoding is the mode whose
+tokens are checked against lm-eval's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from gsmtune.models import bf16_supported
+
+HINT = 32  # rows oneDNN packs for; fixed, so a product's kernel never depends on the batch size asked
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """A bf16 CPU weight where oneDNN runs bf16 natively (elsewhere `F.linear` stays: CUDA, float32, emulated bf16).
+    `GSMTUNE_PACK=off` leaves every weight to `F.linear`, to measure."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and bf16_supported(weight.device) and os.environ.get("GSMTUNE_PACK", "on") != "off")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` ([out, in], packable) in oneDNN's blocked layout, for `packed_linear`."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` with `packed = pack(weight)`, bit for bit (tests/test_packed_weights.py)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module) -> Iterator[int]:
+    """Within: each linear layer of `model` with a packable weight multiplies by its packed copy. Yields how many.
+    A layer that already has its own forward (another stream's, a screen's) is left as it is."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in m.__dict__
+               and packable(m.weight)]
+    for m in linears:
+        m.forward = functools.partial(packed_linear, packed=pack(m.weight), bias=m.bias)
+    try:
+        yield len(linears)
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
