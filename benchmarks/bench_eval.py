@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -31,11 +32,13 @@ def gsmtune_worker(problems: Path, batch_size: int, max_new_tokens: int, stop_at
     from gsmtune.config import load_config
     from gsmtune.evaluate import run_eval
 
+    environment = [o for o in overrides if o.split("=", 1)[0].isupper()]  # GSMTUNE_PACK=off: a variable, not a key
+    os.environ.update(o.split("=", 1) for o in environment)
     out = Path(tempfile.mkdtemp())
     cfg = load_config(None, ["dataset.source=local", f"dataset.path={problems.parent}", "prompt.strategy=zero_shot",
                              "num_eval_samples=null", f"generation.batch_size={batch_size}", f"model.dtype={dtype}",
                              f"generation.max_new_tokens={max_new_tokens}", f"generation.stop_at_answer={stop_at_answer}",
-                             f"output_dir={out}", *overrides])
+                             f"output_dir={out}", *(o for o in overrides if o not in environment)])
     start = time.perf_counter()
     run_eval(cfg)
     seconds = time.perf_counter() - start
@@ -111,7 +114,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE.parent / "results" / "benchmarks" / "eval.json")
     p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="one more gsmtune contender (stopping at '#### n') with these config overrides, to measure a "
-                        "lever in the same run, e.g. --also generation.draft_tokens=0; repeatable")
+                        "lever in the same run, e.g. --also generation.draft_tokens=0 (an upper-case KEY sets an environment "
+                        "variable instead: --also GSMTUNE_PACK=off); repeatable")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
 

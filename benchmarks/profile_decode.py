@@ -48,14 +48,15 @@ def weight_bytes(model) -> int:
 
 def step_sweep(lm, context: int, sizes: list[int], repeats: int = 5) -> list[dict]:
     """Median time of one decode step at each batch size, `context` positions already cached (greedy: the output
-    layer screened as the decode loop screens it)."""
+    layer screened and bf16 weights packed as the decode loop does)."""
     from gsmtune.generation import _prefill
     from gsmtune.output_screen import screened_output_layer
+    from gsmtune.packed_weights import packed_linears
 
     rows = []
     for b in sizes:
         prompts = [[lm.tokenizer.bos_token_id] + [1000 + i] * (context - 1) for i in range(b)]
-        with torch.inference_mode(), screened_output_layer(lm.model):
+        with torch.inference_mode(), packed_linears(lm.model), screened_output_layer(lm.model):
             _, cache, mask = _prefill(lm.model, prompts, lm.tokenizer.pad_token_id, lm.device)
             times = []
             for _ in range(repeats):

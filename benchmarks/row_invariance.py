@@ -8,7 +8,9 @@ and dtype, not on values):
 - plain: the first batch size M at which some row of an M-row product differs (`torch.equal`) from the same row
   computed alone (none: rows equal at every M tried);
 - tiled: whether products run on fixed T-row tiles (zero rows filling the last) give every row the same bits whatever
-  rows share its tile and wherever it sits in it (moved, mixed with new rows).
+  rows share its tile and wherever it sits in it (moved, mixed with new rows);
+- packed (bf16 where oneDNN runs it natively, as decoding multiplies: `gsmtune.packed_weights`): the same bits as
+  `F.linear` at every batch size tried, and tiled invariance as above.
 And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
 (`gsmtune.batch_invariance.chunked_decode_attention`); and that attention's two batched products (one chunk of keys a
@@ -20,6 +22,7 @@ No model weights are loaded; seconds on a CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 from pathlib import Path
@@ -27,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gsmtune.batch_invariance import CHUNK, chunked_decode_attention, tiled_linear
+from gsmtune.batch_invariance import CHUNK, chunked_decode_attention, tiled
+from gsmtune.packed_weights import pack, packable, packed_linear
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 262_144  # Gemma 3 270M
 SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
@@ -50,17 +54,23 @@ def first_differing_batch(w: torch.Tensor, dtype: torch.dtype, gen: torch.Genera
     return next((m for m in SIZES if not torch.equal(F.linear(x[:m], w), alone[:m])), None)
 
 
-def tile_invariant(w: torch.Tensor, dtype: torch.dtype, tile: int, gen: torch.Generator, trials: int = 5) -> bool:
-    x = torch.randn(tile, w.shape[1], generator=gen).to(dtype)
-    ref = tiled_linear(x, w, tile=tile)
+def tile_invariant(product, k: int, dtype: torch.dtype, tile: int, gen: torch.Generator, trials: int = 5) -> bool:
+    x = torch.randn(tile, k, generator=gen).to(dtype)
+    ref = tiled(x, product, tile=tile)
     for _ in range(trials):
         perm = torch.randperm(tile, generator=gen)
-        mixed = torch.randn(tile, w.shape[1], generator=gen).to(dtype)
+        mixed = torch.randn(tile, k, generator=gen).to(dtype)
         mixed[: tile // 2] = x[perm[: tile // 2]]
-        if not (torch.equal(tiled_linear(mixed, w, tile=tile)[: tile // 2], ref[perm[: tile // 2]])
-                and torch.equal(tiled_linear(x[perm[:3]], w, tile=tile), ref[perm[:3]])):
+        if not (torch.equal(tiled(mixed, product, tile=tile)[: tile // 2], ref[perm[: tile // 2]])
+                and torch.equal(tiled(x[perm[:3]], product, tile=tile), ref[perm[:3]])):
             return False
     return True
+
+
+def packed_same_as_f_linear(w: torch.Tensor, packed: torch.Tensor, gen: torch.Generator) -> bool:
+    """`packed_weights.packed_linear` gives `F.linear`'s bits at every batch size tried."""
+    x = torch.randn(max(SIZES), w.shape[1], generator=gen).to(w.dtype)
+    return all(torch.equal(packed_linear(x[:m], packed), F.linear(x[:m], w)) for m in (1, *SIZES))
 
 
 def padding_invariant(attend, dtype: torch.dtype, gen: torch.Generator, keys: int) -> dict[int, bool]:
@@ -115,11 +125,20 @@ def main() -> None:
         for product, (k, m) in shapes(a.rank).items():
             w = (0.05 * torch.randn(m, k, generator=gen)).to(dtype)
             row = {"plain_first_differing_batch": first_differing_batch(w, dtype, gen),
-                   f"tiled_{a.tile}_invariant": tile_invariant(w, dtype, a.tile, gen)}
+                   f"tiled_{a.tile}_invariant": tile_invariant(functools.partial(F.linear, weight=w), k, dtype,
+                                                                a.tile, gen)}
+            packed = ""
+            if packable(w):  # as decoding multiplies bf16 weights here: packed for oneDNN
+                packed_w = pack(w)
+                row["packed_same_as_f_linear"] = packed_same_as_f_linear(w, packed_w, gen)
+                row[f"packed_tiled_{a.tile}_invariant"] = tile_invariant(
+                    functools.partial(packed_linear, packed=packed_w), k, dtype, a.tile, gen)
+                packed = (f"; packed: F.linear's bits {row['packed_same_as_f_linear']}, tiles invariant "
+                          f"{row[f'packed_tiled_{a.tile}_invariant']}")
             result["products"][f"{name} {product} {k}->{m}"] = row
             print(f"{name:8} {product:22} {k:>5} -> {m:<6} plain: rows differ from batch "
                   f"{row['plain_first_differing_batch'] or 'never (up to 96)'}; "
-                  f"{a.tile}-row tiles invariant: {row[f'tiled_{a.tile}_invariant']}", flush=True)
+                  f"{a.tile}-row tiles invariant: {row[f'tiled_{a.tile}_invariant']}{packed}", flush=True)
         result["attention_padding"][name] = pad = padding_invariant(sdpa, dtype, gen, keys=50)
         print(f"{name:8} attention, one query over 50 keys, equal with masked left padding of {pad}", flush=True)
         result["chunked_attention_padding"][name] = pad = padding_invariant(chunked, dtype, gen, keys=300)
