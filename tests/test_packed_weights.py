@@ -26,9 +26,11 @@ def test_packed_product_is_f_linear_bit_for_bit(rows):
     assert torch.equal(packed_linear(x[:, -1:], packed), F.linear(x[:, -1:], w))  # a strided slice, no bias
 
 
-def test_only_native_bf16_cpu_weights_are_packed():
+def test_only_native_bf16_cpu_weights_are_packed(monkeypatch):
     assert not packable(torch.zeros(2, 2))  # float32: MKL's sums, which lm-eval's float32 tokens are checked against
     assert not packable(torch.zeros(2, 2, dtype=torch.float16))
+    monkeypatch.setenv("GSMTUNE_PACK", "off")
+    assert not packable(torch.zeros(2, 2, dtype=torch.bfloat16))
 
 
 @native

@@ -30,6 +30,7 @@ def packable(weight: torch.Tensor) -> bool:
     """A bf16 CPU weight where oneDNN runs bf16 natively (elsewhere `F.linear` stays: CUDA, float32, emulated bf16).
     `GSMTUNE_PACK=off` leaves every weight to `F.linear`, to measure."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # private ops: a torch without them skips packing
             and bf16_supported(weight.device) and os.environ.get("GSMTUNE_PACK", "on") != "off")
 
 
