@@ -70,3 +70,15 @@ def test_decoding_multiplies_by_packed_weights_to_the_same_tokens(tiny_tokenizer
     monkeypatch.setattr(packed_weights, "packable", lambda weight: False)
     before = len(calls)
     assert decode() == packed_tokens and len(calls) == before
+
+
+@native
+def test_no_packs_where_memory_is_short(tiny_tokenizer, monkeypatch):
+    model = sliding_model(tiny_tokenizer, seed=3).to(torch.bfloat16)
+    weights = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(packed_weights, "available_bytes", lambda: 2 * weights - 2)
+    with pytest.warns(UserWarning, match="without packed bf16 weights"), packed_linears(model) as n:
+        assert n == 0 and not any("forward" in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(packed_weights, "available_bytes", lambda: 2 * weights)
+    with packed_linears(model) as n:
+        assert n > 0

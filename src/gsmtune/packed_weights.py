@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -45,12 +46,28 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def available_bytes() -> int | None:
+    """Memory the kernel could hand out now (Linux's MemAvailable; None where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
 @contextlib.contextmanager
 def packed_linears(model: nn.Module) -> Iterator[int]:
     """Within: each linear layer of `model` with a packable weight multiplies by its packed copy. Yields how many.
-    A layer that already has its own forward (another stream's, a screen's) is left as it is."""
+    A layer that already has its own forward (another stream's, a screen's) is left as it is. The packs are a second
+    copy of the weights: where they would take over half the memory still available, nothing is packed (a warning
+    says so) rather than pushing the machine into swap."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in m.__dict__
                and packable(m.weight)]
+    needed, free = sum(m.weight.numel() * m.weight.element_size() for m in linears), available_bytes()
+    if linears and free is not None and needed > free // 2:
+        warnings.warn(f"gsmtune: decoding without packed bf16 weights: they need {needed / 2**30:.1f} GiB and "
+                      f"{free / 2**30:.1f} GiB is available (slower, same tokens)", stacklevel=3)
+        linears = []
     for m in linears:
         m.forward = functools.partial(packed_linear, packed=pack(m.weight), bias=m.bias)
     try:
