@@ -147,6 +147,9 @@ def main() -> None:
     header = {"model": a.model, "dtype": a.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "weights_gb": weight_bytes(lm.model) / 1e9, "memory_floor_ms_per_step": floor_ms}
     if a.step_sweep:
+        if "both" in (a.screen, a.pack):
+            p.error("--step-sweep measures one setting: --screen and --pack take on or off")
+        os.environ["GSMTUNE_SCREEN"], os.environ["GSMTUNE_PACK"] = a.screen, a.pack
         result = header | {"context": a.context, "steps": step_sweep(lm, a.context, [1, 2, 4, 8, 16, 32, 48, 64, 96])}
     else:
         sampling = [f"generation.do_sample={a.samples > 0}", "generation.temperature=0.7", "generation.top_k=50"]

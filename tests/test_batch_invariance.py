@@ -1,9 +1,11 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import oracle_drafts, sliding_model
 
-from gsmtune.batch_invariance import CHUNK, TILE, batch_invariant, rowwise_attention, tiled_linear
+from gsmtune.batch_invariance import CHUNK, TILE, batch_invariant, rowwise_attention, tiled
 from gsmtune.generation import StopRules, _prefill, generate, stream
 
 
@@ -11,12 +13,13 @@ from gsmtune.generation import StopRules, _prefill, generate, stream
 def test_tiled_linear_rows_do_not_depend_on_the_batch(dtype):
     torch.manual_seed(0)
     w, b = torch.randn(48, 40).to(dtype), torch.randn(48).to(dtype)
+    linear = functools.partial(F.linear, weight=w, bias=b)
     x = torch.randn(TILE + 9, 40).to(dtype)  # crosses a tile boundary
-    alone = torch.cat([tiled_linear(x[i: i + 1], w, b) for i in range(x.shape[0])])
+    alone = torch.cat([tiled(x[i: i + 1], linear) for i in range(x.shape[0])])
     for rows in (2, 5, TILE, TILE + 9):
-        assert torch.equal(tiled_linear(x[:rows], w, b), alone[:rows])
-    assert torch.equal(tiled_linear(x.flip(0), w, b), alone.flip(0))  # nor on a row's place in its tile
-    torch.testing.assert_close(tiled_linear(x.reshape(1, -1, 40), w, b)[0], F.linear(x, w, b))
+        assert torch.equal(tiled(x[:rows], linear), alone[:rows])
+    assert torch.equal(tiled(x.flip(0), linear), alone.flip(0))  # nor on a row's place in its tile
+    torch.testing.assert_close(tiled(x.reshape(1, -1, 40), linear)[0], F.linear(x, w, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -27,15 +27,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from gsmtune.forward_overrides import overridden
+
 TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
 ROWWISE = "gsmtune_rowwise"
 CHUNK = 128  # key positions a decode step's attention product covers at once
-
-
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 tile: int = TILE) -> torch.Tensor:
-    """`F.linear` on fixed `tile`-row tiles of x's rows (zero rows fill the last tile)."""
-    return tiled(x, functools.partial(F.linear, weight=weight, bias=bias), tile)
 
 
 def tiled(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], tile: int = TILE) -> torch.Tensor:
@@ -127,23 +123,17 @@ def batch_invariant(model: nn.Module) -> Iterator[None]:
     """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention `rowwise_attention`.
     A layer's tiles run the product it had on entry (its packed weight's, `packed_weights`), else `F.linear`."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    forwards = [m.__dict__.get("forward") for m in linears]  # an instance's own forward (a packed weight's), put back after
     configs = list({id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                     and hasattr(c, "_attn_implementation")}.values())
     attention = [c._attn_implementation for c in configs]
-    for m, forward in zip(linears, forwards, strict=True):
-        m.forward = functools.partial(tiled, product=forward or functools.partial(F.linear, weight=m.weight,
-                                                                                  bias=m.bias))
     for c in configs:
         c._attn_implementation = ROWWISE
     try:
-        yield
+        # stream() enters this after packing and before a float32 screen: tiles run a packed product or F.linear
+        with overridden(linears, lambda m, before: functools.partial(
+                tiled, product=before or functools.partial(F.linear, weight=m.weight, bias=m.bias))):
+            yield
     finally:
-        for m, forward in zip(linears, forwards, strict=True):
-            if forward is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = forward
         for c, name in zip(configs, attention, strict=True):
             c._attn_implementation = name
 

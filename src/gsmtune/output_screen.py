@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from gsmtune.forward_overrides import overridden
 from gsmtune.models import bf16_supported
 from gsmtune.packed_weights import pack, packable, packed_linear
 
@@ -54,7 +55,7 @@ class Screen:
         self.screen = (functools.partial(packed_linear, packed=pack(weight16)) if packable(weight16)
                        else functools.partial(nn.functional.linear, weight=weight16))
         self.max_norm = float(weight.detach().norm(dim=1).max())
-        self.version = (weight.data_ptr(), weight._version)
+        self.version = _version(weight)
         self.proven = self.recomputed = 0
         self.fallback = functools.partial(nn.functional.linear, weight=weight.detach())  # greedy rows it cannot prove
 
@@ -114,10 +115,15 @@ def _eligible(model) -> nn.Linear | None:
     return head
 
 
+def _version(weight: torch.Tensor) -> tuple:
+    """What the screen was made from: the weight's storage and version, and whether its bf16 copy is packed."""
+    return weight.data_ptr(), weight._version, packable(weight.detach()[:0].to(torch.bfloat16))
+
+
 def screen_of(head: nn.Linear) -> Screen:
     """The head's screen, made once and again only if its weight changed (a model that trains between decodes)."""
     screen = getattr(head, "_gsmtune_screen", None)
-    if screen is None or screen.version != (head.weight.data_ptr(), head.weight._version):
+    if screen is None or screen.version != _version(head.weight):
         screen = Screen(head.weight)
         head._gsmtune_screen = screen
     return screen
@@ -133,13 +139,10 @@ def screened_output_layer(model, top_k: int | None = None) -> Iterator[Screen | 
         yield None
         return
     screen = screen_of(head)
-    before = head.__dict__.get("forward")  # another stream's screen, or batch_invariance's tiled product
-    screen.fallback = before or functools.partial(nn.functional.linear, weight=head.weight.detach())
-    head.forward = functools.partial(screen.logits, top_k=top_k)  # shadows nn.Linear.forward; its pre-hooks still run
-    try:
+
+    def make(head: nn.Linear, before) -> functools.partial:  # before: another stream's screen, or the tiled product
+        screen.fallback = before or functools.partial(nn.functional.linear, weight=head.weight.detach())
+        return functools.partial(screen.logits, top_k=top_k)
+
+    with overridden([head], make):
         yield screen
-    finally:
-        if before is None:
-            head.__dict__.pop("forward", None)
-        else:
-            head.forward = before

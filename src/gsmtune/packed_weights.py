@@ -6,7 +6,8 @@ decode step's 1-32 rows that reorder is a large part of the product (AMD EPYC: 2
 torch.compile's CPU freezing pass packs weights the same way (`mkldnn._reorder_linear_weight`,
 `mkldnn._linear_pointwise`); compiling the decode loop itself does not pay (its shapes change every step), so
 generation calls those two ops directly, on weights packed when it starts (0.2 s for Gemma 3 270M) and dropped when it
-ends, so a model that trains between decodes (GRPO) never multiplies by a stale pack. float32 weights are left to
+ends, so a model that trains between decodes (GRPO) never multiplies by a stale pack (the float32 screen's packed bf16
+copy stays on the head, as its unpacked copy did, and is made again when the weight changes: `output_screen`). float32 weights are left to
 `F.linear`: there oneDNN's packed product sums in another order than MKL's, and float32 decoding is the mode whose
 tokens are checked against lm-eval's.
 """
@@ -22,17 +23,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from gsmtune.forward_overrides import overridden
 from gsmtune.models import bf16_supported
 
-HINT = 32  # rows oneDNN packs for; fixed, so a product's kernel never depends on the batch size asked
+HINT = 32  # the batch size oneDNN tunes the layout for; fixed: weights are packed before the batch is known
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """A bf16 CPU weight where oneDNN runs bf16 natively (elsewhere `F.linear` stays: CUDA, float32, emulated bf16).
-    `GSMTUNE_PACK=off` leaves every weight to `F.linear`, to measure."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # private ops: a torch without them skips packing
-            and bf16_supported(weight.device) and os.environ.get("GSMTUNE_PACK", "on") != "off")
+    """A bf16 CPU weight where oneDNN runs bf16 natively (elsewhere `F.linear` stays: CUDA, float32, emulated bf16,
+    oneDNN switched off). `GSMTUNE_PACK=off` leaves every weight to `F.linear`, to measure."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and native_bf16_onednn()
+            and os.environ.get("GSMTUNE_PACK", "on") != "off")
+
+
+def native_bf16_onednn() -> bool:
+    """oneDNN is on and runs bf16 natively here, and this torch has the private ops packing uses."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and bf16_supported(torch.device("cpu")))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -42,7 +49,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` with `packed = pack(weight)`, bit for bit (tests/test_packed_weights.py)."""
+    """`F.linear(x, weight, bias)` with `packed = pack(weight)`: bit for bit on the AMD EPYC for a contiguous x (every
+    product shape of Gemma 3 270M and its LoRA, `benchmarks/row_invariance.py`; tests/test_packed_weights.py; AMX not
+    checked). For a strided 3-D x F.linear's own bits change (it no longer folds x into one product); these do not."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -68,11 +77,5 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
         warnings.warn(f"gsmtune: decoding without packed bf16 weights: they need {needed / 2**30:.1f} GiB and "
                       f"{free / 2**30:.1f} GiB is available (slower, same tokens)", stacklevel=3)
         linears = []
-    for m in linears:
-        m.forward = functools.partial(packed_linear, packed=pack(m.weight), bias=m.bias)
-    try:
+    with overridden(linears, lambda m, _: functools.partial(packed_linear, packed=pack(m.weight), bias=m.bias)):
         yield len(linears)
-    finally:
-        for m in linears:
-            m.__dict__.pop("forward", None)
-
