@@ -164,10 +164,7 @@ def main() -> None:
         both = [name for name, value in levers.items() if value == "both"]
         if len(both) > 1:
             p.error(f"{' and '.join(both)} are both 'both': measure one lever at a time")
-        off = {"screen": "off", "drafts": "off", "batch_invariant": "off", "pack": "off"}
-        on = {"screen": "on", "drafts": "on" if a.drafts == "both" else a.drafts, "batch_invariant": "on", "pack": "on"}
-        runs = ([(f"{both[0]}_off", levers | {both[0]: off[both[0]]}), (f"{both[0]}_on", levers | {both[0]: on[both[0]]})]
-                if both else [("run", levers)])
+        runs = [(f"{both[0]}_{side}", levers | {both[0]: side}) for side in ("off", "on")] if both else [("run", levers)]
         for name, run in runs:
             os.environ["GSMTUNE_SCREEN"], os.environ["GSMTUNE_PACK"] = run["screen"], run["pack"]
             cfg = OmegaConf.merge(gen, {"draft_tokens": {"auto": None, "off": 0}.get(run["drafts"], 8),

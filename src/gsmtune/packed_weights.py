@@ -7,9 +7,9 @@ torch.compile's CPU freezing pass packs weights the same way (`mkldnn._reorder_l
 `mkldnn._linear_pointwise`); compiling the decode loop itself does not pay (its shapes change every step), so
 generation calls those two ops directly, on weights packed when it starts (0.2 s for Gemma 3 270M) and dropped when it
 ends, so a model that trains between decodes (GRPO) never multiplies by a stale pack (the float32 screen's packed bf16
-copy stays on the head, as its unpacked copy did, and is made again when the weight changes: `output_screen`). float32 weights are left to
-`F.linear`: there oneDNN's packed product sums in another order than MKL's, and float32 decoding is the mode whose
-tokens are checked against lm-eval's.
+copy stays on the head, as its unpacked copy did, and is made again when the weight changes: `output_screen`).
+float32 weights are left to `F.linear`: there oneDNN's packed product sums in another order than MKL's, and float32
+decoding is the mode whose tokens are checked against lm-eval's.
 """
 
 from __future__ import annotations
