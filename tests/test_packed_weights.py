@@ -9,7 +9,7 @@ from gsmtune import packed_weights
 from gsmtune.batch_invariance import batch_invariant
 from gsmtune.config import load_config
 from gsmtune.generation import StopRules, stream
-from gsmtune.packed_weights import native_bf16_onednn, pack, packable, packed_linear, packed_linears
+from gsmtune.packed_weights import MAX_ROWS, layer_forward, native_bf16_onednn, pack, packable, packed_linear, packed_linears
 
 native = pytest.mark.skipif(not native_bf16_onednn(), reason="oneDNN does not run bf16 natively here: F.linear stays")
 
@@ -25,6 +25,18 @@ def test_packed_product_is_f_linear_bit_for_bit(rows, n_in, n_out):
     assert torch.equal(packed_linear(x, packed, b), F.linear(x, w, b))
     # a strided slice: F.linear's own bits for it differ from its contiguous copy's (2048 -> 640), the packed product's not
     assert torch.equal(packed_linear(x[:, -1:], packed), F.linear(x[:, -1:].contiguous(), w))
+
+
+@native
+@pytest.mark.parametrize("rows", [1, 32, MAX_ROWS, MAX_ROWS + 1, 512, 1200])
+@pytest.mark.parametrize(("n_in", "n_out"), [(640, 1024), (1024, 640), (2048, 640)])
+def test_a_packed_layer_is_f_linear_bit_for_bit_at_prefill_sizes_too(rows, n_in, n_out):
+    """No bias, as in Gemma: on an Intel Xeon with AMX the packed product alone sums 1024 -> 640 at 512 and 1200 rows
+    in another order than F.linear (with a bias it did not)."""
+    torch.manual_seed(0)
+    w = torch.randn(n_out, n_in).bfloat16()
+    x = torch.randn(1, rows, n_in).bfloat16()
+    assert torch.equal(layer_forward(x, w, pack(w)), F.linear(x, w))
 
 
 def test_only_native_bf16_cpu_weights_are_packed(monkeypatch):
@@ -61,13 +73,13 @@ def test_decoding_multiplies_by_packed_weights_to_the_same_tokens(tiny_tokenizer
         return dict(stream(model, tok, prompts, gen, StopRules(False, False), batch_size=2))
 
     calls = []
-    real = packed_weights.packed_linear
-    monkeypatch.setattr(packed_weights, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = packed_weights.layer_forward
+    monkeypatch.setattr(packed_weights, "layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     packed_tokens = decode()
     assert len(calls) > 0
     with packed_linears(model), batch_invariant(model) if invariant else contextlib.nullcontext():
         forward = model.get_output_embeddings().forward
-        assert (forward.keywords["product"] if invariant else forward).func is packed_weights.packed_linear
+        assert (forward.keywords["product"] if invariant else forward).func is packed_weights.layer_forward
     monkeypatch.setattr(packed_weights, "packable", lambda weight: False)
     before = len(calls)
     assert decode() == packed_tokens and len(calls) == before

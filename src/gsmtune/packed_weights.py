@@ -27,6 +27,7 @@ from gsmtune.forward_overrides import overridden
 from gsmtune.models import bf16_supported
 
 HINT = 32  # the batch size oneDNN tunes the layout for; fixed: weights are packed before the batch is known
+MAX_ROWS = 256  # above, F.linear picks a layout for its row count: as fast or faster, and (AMX) other sums than a pack's
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -49,10 +50,20 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` with `packed = pack(weight)`: bit for bit on the AMD EPYC for a contiguous x (every
-    product shape of Gemma 3 270M and its LoRA, `benchmarks/row_invariance.py`; tests/test_packed_weights.py; AMX not
-    checked). For a strided 3-D x F.linear's own bits change (it no longer folds x into one product); these do not."""
+    """`F.linear(x, weight, bias)` with `packed = pack(weight)`: bit for bit up to `MAX_ROWS` rows of a contiguous x
+    (every product shape of Gemma 3 270M and its LoRA, on an AMD EPYC and an Intel Xeon with AMX:
+    `benchmarks/row_invariance.py`, tests/test_packed_weights.py); from 512 rows on, AMX sums some shapes in another
+    order (`layer_forward` leaves those to F.linear). For a strided 3-D x F.linear's own bits change (it no longer
+    folds x into one product); these do not."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def layer_forward(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A packed layer's forward: the packed product for a decode step's rows, `F.linear` for a prefill's many."""
+    if x.numel() > MAX_ROWS * x.shape[-1]:
+        return nn.functional.linear(x, weight, bias)
+    return packed_linear(x, packed, bias)
 
 
 def available_bytes() -> int | None:
@@ -77,5 +88,6 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
         warnings.warn(f"gsmtune: decoding without packed bf16 weights: they need {needed / 2**30:.1f} GiB and "
                       f"{free / 2**30:.1f} GiB is available (slower, same tokens)", stacklevel=3)
         linears = []
-    with overridden(linears, lambda m, _: functools.partial(packed_linear, packed=pack(m.weight), bias=m.bias)):
+    with overridden(linears, lambda m, _: functools.partial(layer_forward, weight=m.weight, packed=pack(m.weight),
+                                                             bias=m.bias)):
         yield len(linears)
