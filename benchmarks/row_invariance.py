@@ -9,8 +9,9 @@ and dtype, not on values):
   computed alone (none: rows equal at every M tried);
 - tiled: whether products run on fixed T-row tiles (zero rows filling the last) give every row the same bits whatever
   rows share its tile and wherever it sits in it (moved, mixed with new rows);
-- packed (bf16 where oneDNN runs it natively, as decoding multiplies: `gsmtune.packed_weights`): the same bits as
-  `F.linear` at every batch size tried, and tiled invariance as above.
+- packed (bf16 where oneDNN runs it natively, as decoding multiplies: `gsmtune.packed_weights`): a packed layer gives
+  `F.linear`'s bits at every batch size tried and at a prefill's 512 and 1,200 rows (it leaves those to F.linear: the
+  packed product alone, recorded too, summed some shapes in another order there on AMX); tiled invariance as above.
 And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
 (`gsmtune.batch_invariance.chunked_decode_attention`); and that attention's two batched products (one chunk of keys a
@@ -24,17 +25,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gsmtune.batch_invariance import CHUNK, chunked_decode_attention, tiled
-from gsmtune.packed_weights import pack, packable, packed_linear
+from gsmtune.packed_weights import layer_forward, pack, packable, packed_linear
+from gsmtune.runs import cpu_name
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 262_144  # Gemma 3 270M
 SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
+PREFILL_ROWS = (512, 1200)  # a prefill's rows (prompts x positions): past packed_weights.MAX_ROWS
 BATCHED = (*SIZES, 128, 192, 256, 320)  # the decode attention's products: rows x key heads x chunks of a step
 
 
@@ -67,10 +69,17 @@ def tile_invariant(product, k: int, dtype: torch.dtype, tile: int, gen: torch.Ge
     return True
 
 
-def packed_same_as_f_linear(w: torch.Tensor, packed: torch.Tensor, gen: torch.Generator) -> bool:
-    """`packed_weights.packed_linear` gives `F.linear`'s bits at every batch size tried."""
+def packed_same_as_f_linear(w: torch.Tensor, packed: torch.Tensor, gen: torch.Generator) -> dict[str, bool]:
+    """Whether a packed layer (`packed_weights.layer_forward`, as decoding multiplies) gives `F.linear`'s bits at every
+    batch size tried and at a prefill's row counts; and whether the packed product alone does at those row counts
+    (on AMX it did not: why the layer leaves more than `MAX_ROWS` rows to F.linear)."""
     x = torch.randn(max(SIZES), w.shape[1], generator=gen).to(w.dtype)
-    return all(torch.equal(packed_linear(x[:m], packed), F.linear(x[:m], w)) for m in (1, *SIZES))
+    y = torch.randn(max(PREFILL_ROWS), w.shape[1], generator=gen).to(w.dtype)
+    same = [torch.equal(layer_forward(x[:m], w, packed), F.linear(x[:m], w)) for m in (1, *SIZES)]
+    same += [torch.equal(layer_forward(y[:m], w, packed), F.linear(y[:m], w)) for m in PREFILL_ROWS]
+    return {"layer": all(same),
+            "product_alone_at_prefill_rows": all(torch.equal(packed_linear(y[:m], packed), F.linear(y[:m], w))
+                                                  for m in PREFILL_ROWS)}
 
 
 def padding_invariant(attend, dtype: torch.dtype, gen: torch.Generator, keys: int) -> dict[int, bool]:
@@ -117,7 +126,7 @@ def main() -> None:
     a = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     packed_gen = torch.Generator().manual_seed(1)  # its own draws: the other checks see the weights they always saw
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "",
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
               "tile": a.tile, "sizes_tried": list(SIZES), "attention_product_batches_tried": list(BATCHED),
               "products": {}, "attention_padding": {}, "chunked_attention_padding": {},
               "attention_products_first_differing_batch": {}}
@@ -131,11 +140,14 @@ def main() -> None:
             packed = ""
             if packable(w):  # as decoding multiplies bf16 weights here: packed for oneDNN
                 packed_w = pack(w)
-                row["packed_same_as_f_linear"] = packed_same_as_f_linear(w, packed_w, packed_gen)
+                same = packed_same_as_f_linear(w, packed_w, packed_gen)
+                row["packed_same_as_f_linear"] = same["layer"]
                 row[f"packed_tiled_{a.tile}_invariant"] = tile_invariant(
                     functools.partial(packed_linear, packed=packed_w), k, dtype, a.tile, packed_gen)
+                row["packed_product_alone_same_at_prefill_rows"] = same["product_alone_at_prefill_rows"]
                 packed = (f"; packed: F.linear's bits {row['packed_same_as_f_linear']}, tiles invariant "
-                          f"{row[f'packed_tiled_{a.tile}_invariant']}")
+                          f"{row[f'packed_tiled_{a.tile}_invariant']}, product alone at {PREFILL_ROWS} rows "
+                          f"{same['product_alone_at_prefill_rows']}")
             result["products"][f"{name} {product} {k}->{m}"] = row
             print(f"{name:8} {product:22} {k:>5} -> {m:<6} plain: rows differ from batch "
                   f"{row['plain_first_differing_batch'] or 'never (up to 96)'}; "
