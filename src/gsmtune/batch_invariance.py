@@ -5,7 +5,7 @@ Where the batch leaks into a row's numbers on CPU (`benchmarks/row_invariance.py
   rows differ from 2 rows on, bf16's 2048 -> 640 from 7 rows on the AMD EPYC, from 33 rows on the Intel Xeon);
   products always run here on fixed `TILE`-row tiles, the last filled with zero rows: with one kernel for every tile,
   a row's result depended on nothing but the row (every product shape of Gemma 3 270M and its LoRA, both dtypes, on
-  the AMD EPYC; the Intel Xeon not checked yet);
+  an AMD EPYC and an Intel Xeon with AMX: `benchmarks/row_invariance.py`);
 - attention: a row's masked left padding (the length of the batch's longest row) changes SDPA's sums; here a
   prefill attends row by row, over each row's own positions, and a decode step over chunks of keys counted back from
   the newest (`chunked_decode_attention`);
