@@ -14,9 +14,10 @@ and dtype, not on values):
   packed product alone, recorded too, summed some shapes in another order there on AMX); tiled invariance as above.
 And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
-(`gsmtune.batch_invariance.chunked_decode_attention`); and that attention's two batched products (one chunk of keys a
-row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32): the first batch count at which an
-element differs from the same product alone.
+(`gsmtune.batch_invariance.chunked_decode_attention`), and SDPA with a row's keys right-aligned in a timeline of a
+multiple of 512 positions (not used yet: a candidate for a faster mode); and the chunked attention's two batched
+products (one chunk of keys a row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32): the first
+batch count at which an element differs from the same product alone.
 No model weights are loaded; seconds on a CPU.
 """
 
@@ -36,6 +37,7 @@ from gsmtune.runs import cpu_name
 
 HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 262_144  # Gemma 3 270M
 SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
+ALIGN = 512  # keys per block of torch's CPU flash attention kernel from 512 keys on
 PREFILL_ROWS = (512, 1200)  # a prefill's rows (prompts x positions): past packed_weights.MAX_ROWS
 BATCHED = (*SIZES, 128, 192, 256, 320)  # the decode attention's products: rows x key heads x chunks of a step
 
@@ -95,6 +97,23 @@ def padding_invariant(attend, dtype: torch.dtype, gen: torch.Generator, keys: in
     return result
 
 
+def aligned_sdpa_padding_invariant(dtype: torch.dtype, gen: torch.Generator) -> dict[int, bool]:
+    """torch's SDPA, one query over n keys right-aligned in a timeline whose length is a multiple of `ALIGN` (masked
+    zeros before them): the same bits at every such length up to 1,536? (A possible faster batch-invariant decode
+    attention than the chunked one: torch's CPU flash kernel cuts keys into 512-position blocks from 512 keys on.)"""
+    result = {}
+    for n in (37, 300, 511, 700):
+        q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
+        k, v = (torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+        outs = []
+        for total in range(-(-n // ALIGN) * ALIGN, 1537, ALIGN):
+            kp, vp = (F.pad(t, (0, 0, total - n, 0)) for t in (k, v))
+            mask = torch.cat([torch.zeros(total - n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+            outs.append(sdpa(q, kp, vp, mask))
+        result[n] = all(torch.equal(o, outs[0]) for o in outs[1:])
+    return result
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """torch's SDPA as the plain decode loop calls it (no mask where every key is visible)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask.all() else mask[None, None, None],
@@ -129,6 +148,7 @@ def main() -> None:
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
               "tile": a.tile, "sizes_tried": list(SIZES), "attention_product_batches_tried": list(BATCHED),
               "products": {}, "attention_padding": {}, "chunked_attention_padding": {},
+              "aligned_attention_padding": {},
               "attention_products_first_differing_batch": {}}
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
@@ -156,6 +176,10 @@ def main() -> None:
         print(f"{name:8} attention, one query over 50 keys, equal with masked left padding of {pad}", flush=True)
         result["chunked_attention_padding"][name] = pad = padding_invariant(chunked, dtype, gen, keys=300)
         print(f"{name:8} chunked decode attention, 300 keys, equal with masked left padding of {pad}", flush=True)
+        result["aligned_attention_padding"][name] = pad = aligned_sdpa_padding_invariant(
+            dtype, torch.Generator().manual_seed(2))
+        print(f"{name:8} attention, keys right-aligned in a multiple of {ALIGN} positions, equal at every such "
+              f"length up to 1,536, by key count: {pad}", flush=True)
         result["attention_products_first_differing_batch"][name] = first = attention_products_first_differing_batch(
             dtype, gen)
         print(f"{name:8} chunked decode attention's batched products, first differing batch: {first}", flush=True)
