@@ -31,8 +31,8 @@ def test_packed_product_is_f_linear_bit_for_bit(rows, n_in, n_out):
 @pytest.mark.parametrize("rows", [1, 32, MAX_ROWS, MAX_ROWS + 1, 512, 1200])
 @pytest.mark.parametrize(("n_in", "n_out"), [(640, 1024), (1024, 640), (2048, 640)])
 def test_a_packed_layer_is_f_linear_bit_for_bit_at_prefill_sizes_too(rows, n_in, n_out):
-    """No bias, as in Gemma: on an Intel Xeon with AMX the packed product alone sums 1024 -> 640 at 512 and 1200 rows
-    in another order than F.linear (with a bias it did not)."""
+    """No bias, as in Gemma: on an Intel Xeon with AMX the packed product alone summed these three shapes in another
+    order than F.linear at 512 or 1,200 rows (with a bias it did not)."""
     torch.manual_seed(0)
     w = torch.randn(n_out, n_in).bfloat16()
     x = torch.randn(1, rows, n_in).bfloat16()
@@ -73,8 +73,8 @@ def test_decoding_multiplies_by_packed_weights_to_the_same_tokens(tiny_tokenizer
         return dict(stream(model, tok, prompts, gen, StopRules(False, False), batch_size=2))
 
     calls = []
-    real = packed_weights.layer_forward
-    monkeypatch.setattr(packed_weights, "layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = packed_weights.packed_linear  # the packed product itself: a layer leaves more than MAX_ROWS rows to F.linear
+    monkeypatch.setattr(packed_weights, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     packed_tokens = decode()
     assert len(calls) > 0
     with packed_linears(model), batch_invariant(model) if invariant else contextlib.nullcontext():
