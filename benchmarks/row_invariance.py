@@ -15,7 +15,7 @@ and dtype, not on values):
 And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
 (`gsmtune.batch_invariance.chunked_decode_attention`), and SDPA with a row's keys right-aligned in a timeline of a
-multiple of 512 positions (not used yet: a candidate for a faster mode); and the chunked attention's two batched
+multiple of 512 positions (tried for the mode, not kept: BENCHMARKS.md); and the chunked attention's two batched
 products (one chunk of keys a row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32): the first
 batch count at which an element differs from the same product alone.
 No model weights are loaded; seconds on a CPU.
@@ -99,8 +99,8 @@ def padding_invariant(attend, dtype: torch.dtype, gen: torch.Generator, keys: in
 
 def aligned_sdpa_padding_invariant(dtype: torch.dtype, gen: torch.Generator) -> dict[int, bool]:
     """torch's SDPA, one query over n keys right-aligned in a timeline whose length is a multiple of `ALIGN` (masked
-    zeros before them): the same bits at every such length up to 1,536? (A possible faster batch-invariant decode
-    attention than the chunked one: torch's CPU flash kernel cuts keys into 512-position blocks from 512 keys on.)"""
+    zeros before them): the same bits at every such length up to 1,536? (torch's CPU flash kernel cuts keys into
+    512-position blocks from 512 keys on; a decode attention built on it was tried for the mode: BENCHMARKS.md.)"""
     result = {}
     for n in (37, 300, 511, 700):
         q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
