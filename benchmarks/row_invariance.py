@@ -71,17 +71,20 @@ def tile_invariant(product, k: int, dtype: torch.dtype, tile: int, gen: torch.Ge
     return True
 
 
-def packed_same_as_f_linear(w: torch.Tensor, packed: torch.Tensor, gen: torch.Generator) -> dict[str, bool]:
-    """Whether a packed layer (`packed_weights.layer_forward`, as decoding multiplies) gives `F.linear`'s bits at every
-    batch size tried and at a prefill's row counts; and whether the packed product alone does at those row counts
-    (on AMX it did not: why the layer leaves more than `MAX_ROWS` rows to F.linear)."""
+def packed_checks(w: torch.Tensor, tile: int, gen: torch.Generator) -> dict[str, bool]:
+    """A packed layer (`packed_weights.layer_forward`, as decoding multiplies): `F.linear`'s bits at every batch size
+    tried and at a prefill's row counts, and tiled invariance; and whether the packed product alone gives F.linear's
+    bits at those row counts (on AMX it did not: why the layer leaves more than `MAX_ROWS` rows to F.linear)."""
+    packed = pack(w)
+    layer = functools.partial(layer_forward, weight=w, packed=packed)
     x = torch.randn(max(SIZES), w.shape[1], generator=gen).to(w.dtype)
     y = torch.randn(max(PREFILL_ROWS), w.shape[1], generator=gen).to(w.dtype)
-    same = [torch.equal(layer_forward(x[:m], w, packed), F.linear(x[:m], w)) for m in (1, *SIZES)]
-    same += [torch.equal(layer_forward(y[:m], w, packed), F.linear(y[:m], w)) for m in PREFILL_ROWS]
-    return {"layer": all(same),
-            "product_alone_at_prefill_rows": all(torch.equal(packed_linear(y[:m], packed), F.linear(y[:m], w))
-                                                  for m in PREFILL_ROWS)}
+    same = [torch.equal(layer(x[:m]), F.linear(x[:m], w)) for m in (1, *SIZES)]
+    same += [torch.equal(layer(y[:m]), F.linear(y[:m], w)) for m in PREFILL_ROWS]
+    return {"packed_same_as_f_linear": all(same),
+            f"packed_tiled_{tile}_invariant": tile_invariant(layer, w.shape[1], w.dtype, tile, gen),
+            "packed_product_alone_same_at_prefill_rows": all(
+                torch.equal(packed_linear(y[:m], packed), F.linear(y[:m], w)) for m in PREFILL_ROWS)}
 
 
 def padding_invariant(attend, dtype: torch.dtype, gen: torch.Generator, keys: int) -> dict[int, bool]:
@@ -159,15 +162,10 @@ def main() -> None:
                                                                 a.tile, gen)}
             packed = ""
             if packable(w):  # as decoding multiplies bf16 weights here: packed for oneDNN
-                packed_w = pack(w)
-                same = packed_same_as_f_linear(w, packed_w, packed_gen)
-                row["packed_same_as_f_linear"] = same["layer"]
-                row[f"packed_tiled_{a.tile}_invariant"] = tile_invariant(
-                    functools.partial(packed_linear, packed=packed_w), k, dtype, a.tile, packed_gen)
-                row["packed_product_alone_same_at_prefill_rows"] = same["product_alone_at_prefill_rows"]
+                row |= packed_checks(w, a.tile, packed_gen)
                 packed = (f"; packed: F.linear's bits {row['packed_same_as_f_linear']}, tiles invariant "
                           f"{row[f'packed_tiled_{a.tile}_invariant']}, product alone at {PREFILL_ROWS} rows "
-                          f"{same['product_alone_at_prefill_rows']}")
+                          f"{row['packed_product_alone_same_at_prefill_rows']}")
             result["products"][f"{name} {product} {k}->{m}"] = row
             print(f"{name:8} {product:22} {k:>5} -> {m:<6} plain: rows differ from batch "
                   f"{row['plain_first_differing_batch'] or 'never (up to 96)'}; "
