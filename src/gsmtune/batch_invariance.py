@@ -31,7 +31,8 @@ from gsmtune.forward_overrides import overridden
 
 TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
 ROWWISE = "gsmtune_rowwise"
-CHUNK = 128  # key positions a decode step's attention product covers at once
+CHUNK = 128  # key positions a decode step's attention covers in one flash-kernel block
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the log-sum-exp, which SDPA does not
 
 
 def tiled(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], tile: int = TILE) -> torch.Tensor:
@@ -40,7 +41,10 @@ def tiled(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], tile
     n = rows.shape[0]
     if n % tile:
         rows = torch.cat([rows, rows.new_zeros(tile - n % tile, rows.shape[1])])
-    out = torch.cat([product(rows[i: i + tile]) for i in range(0, rows.shape[0], tile)])
+    if rows.shape[0] == tile:  # a decode step's one tile: no copy of its output (a step has ~400 products)
+        out = product(rows)
+    else:
+        out = torch.cat([product(rows[i: i + tile]) for i in range(0, rows.shape[0], tile)])
     return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -84,34 +88,45 @@ def chunked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 
     Keys are cut into CHUNK-position chunks counted back from the last position (where every row's newest key sits
     in a left-padded cache), so a row's chunks hold the same keys at the same places whatever padding its batch
-    adds. Every chunk of every row is one product of fixed shape in a batched call (a row's bits do not depend on
-    how many run: `benchmarks/row_invariance.py`); the softmax takes the row's maximum over all its chunks, and the
-    chunks' sums are added from the newest back: chunks before a row's first key are all masked and add exact zeros
-    (a masked key's weight is 0 and its value finite: zeros, or a padding position's states). Products in the model's
-    dtype (scores; unnormalized weights times values), the exponentials, sums and the final division in float32.
+    adds. Each chunk runs torch's CPU flash kernel alone (a key head's query heads as its queries; chunks as its
+    heads, viewed in place in the cache: no copy), a fixed shape whose bits do not depend on how many rows or chunks
+    run (`benchmarks/row_invariance.py`); the chunks' outputs are then weighted by their log-sum-exps against the
+    row's maximum and added from the newest back in float32: chunks before a row's first key are all masked and add
+    exact zeros. Only the oldest chunk, when it reaches before the cache, is copied (behind zero keys, masked).
     """
     rows, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
     first = int(visible.any(0).int().argmax())  # the earliest key any row sees
     chunks = -(-(kv_len - first) // CHUNK)
     start = kv_len - chunks * CHUNK
-    if start < 0:  # the earliest chunk reaches before the cache: zero keys, masked
-        key, value = F.pad(key, (0, 0, -start, 0)), F.pad(value, (0, 0, -start, 0))
-        visible, start = F.pad(visible, (-start, 0)), 0
-    # contiguous copies: a batched product over strided chunks ran 3x slower than the copy and product together
-    keys = key[:, :, start:].contiguous().unflatten(2, (chunks, CHUNK))  # [rows, kv_heads, chunks, CHUNK, dim]
-    values = value[:, :, start:].contiguous().unflatten(2, (chunks, CHUNK))
-    q = query.reshape(rows, kv_heads, 1, heads // kv_heads, dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [rows, kv_heads, chunks, groups, CHUNK]
-    scores = scores.masked_fill(~visible[:, start:].reshape(rows, 1, chunks, 1, CHUNK), float("-inf"))
-    top = scores.amax(dim=(2, 4), keepdim=True)
-    weights = torch.exp(scores - top.clamp(min=torch.finfo(scores.dtype).min))  # a row that sees nothing: zeros
-    sums = weights.sum(-1, keepdim=True)
-    parts = torch.matmul(weights.to(value.dtype), values).float()  # [rows, kv_heads, chunks, groups, dim]
-    total, out = sums[:, :, -1], parts[:, :, -1]
+    whole = chunks - (start < 0)  # chunks that lie inside the cache
+    seen = (F.pad(visible, (-start, 0)) if start < 0 else visible[:, start:]).reshape(rows, chunks, CHUNK)
+    mask = query.new_zeros(rows, chunks, 1, CHUNK).masked_fill_(~seen[:, :, None], float("-inf"))
+    outs, lses = [], []
+    for h in range(kv_heads):
+        q = query[:, h * groups: (h + 1) * groups].transpose(1, 2)  # [rows, 1, groups, dim]: the groups as queries
+        parts = []
+        if start < 0:  # the oldest chunk reaches before the cache
+            k, v = (t.new_empty(rows, 1, CHUNK, dim) for t in (key, value))
+            for part, states in ((k, key), (v, value)):
+                part[:, :, : -start].zero_()
+                part[:, 0, -start:] = states[:, h, : start + CHUNK]
+            parts.append(_flash(q, k, v, attn_mask=mask[:, :1], scale=scaling))
+        if whole:
+            k, v = (t[:, h, kv_len - whole * CHUNK:].unflatten(1, (whole, CHUNK)) for t in (key, value))
+            parts.append(_flash(q.expand(rows, whole, groups, dim), k, v, attn_mask=mask[:, chunks - whole:],
+                                scale=scaling))
+        outs.append(torch.cat([o for o, _ in parts], 1))
+        lses.append(torch.cat([lse for _, lse in parts], 1))
+    out = torch.stack(outs, 1)  # [rows, kv_heads, chunks, groups, dim], each chunk's own softmax
+    lse = torch.stack(lses, 1).masked_fill(~seen.any(-1)[:, None, :, None], float("-inf"))  # all-masked: no weight
+    weights = torch.exp(lse - lse.amax(2, keepdim=True).clamp(min=torch.finfo(lse.dtype).min))  # sees nothing: 0
+    total, acc = weights[:, :, -1], weights[:, :, -1, :, None] * out[:, :, -1].float()
     for c in range(chunks - 2, -1, -1):
-        total, out = total + sums[:, :, c], out + parts[:, :, c]
-    return (out / total.clamp(min=torch.finfo(total.dtype).tiny)).to(query.dtype).reshape(rows, 1, heads, -1)
+        total, acc = total + weights[:, :, c], acc + weights[:, :, c, :, None] * out[:, :, c].float()
+    acc = acc / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]
+    return acc.to(query.dtype).reshape(rows, 1, heads, dim)
 
 
 AttentionInterface.register(ROWWISE, rowwise_attention)
