@@ -15,9 +15,9 @@ and dtype, not on values):
 And attention: one query over the same keys, with and without masked left padding (the positions other rows' longer
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
 (`gsmtune.batch_invariance.chunked_decode_attention`), and SDPA with a row's keys right-aligned in a timeline of a
-multiple of 512 positions (tried for the mode, not kept: BENCHMARKS.md); and the chunked attention's two batched
-products (one chunk of keys a row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32): the first
-batch count at which an element differs from the same product alone.
+multiple of 512 positions (tried for the mode, not kept: BENCHMARKS.md); and the chunked attention's kernel (torch's
+CPU flash attention on one chunk of keys a row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32,
+as batches or viewed in place as heads): the first count at which an output differs from the same chunk alone.
 No model weights are loaded; seconds on a CPU.
 """
 
@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gsmtune.batch_invariance import CHUNK, chunked_decode_attention, tiled
+from gsmtune.batch_invariance import cpu_flash_attention as flash
 from gsmtune.packed_weights import layer_forward, pack, packable, packed_linear
 from gsmtune.runs import cpu_name
 
@@ -39,7 +41,7 @@ HIDDEN, HEAD_DIM, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 640, 256, 4, 1, 2048, 2
 SIZES = (2, 3, 4, 7, 8, 16, 17, 24, 31, 32, 33, 48, 64, 96)
 ALIGN = 512  # keys per block of torch's CPU flash attention kernel from 512 keys on
 PREFILL_ROWS = (512, 1200)  # a prefill's rows (prompts x positions): past packed_weights.MAX_ROWS
-BATCHED = (*SIZES, 128, 192, 256, 320)  # the decode attention's products: rows x key heads x chunks of a step
+BATCHED = (*SIZES, 128, 192, 256, 320)  # the decode attention's chunks: rows x key heads x chunks of a step
 
 
 def shapes(rank: int) -> dict[str, tuple[int, int]]:
@@ -128,16 +130,26 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return chunked_decode_attention(q, k, v, mask[None], HEAD_DIM ** -0.5)
 
 
-def attention_products_first_differing_batch(dtype: torch.dtype, gen: torch.Generator) -> dict[str, int | None]:
-    """The chunked decode attention's batched products (scores, weighted values) against each product alone."""
-    result = {}
-    for name, (m, k, n) in {"scores": (HEADS, HEAD_DIM, CHUNK), "weighted values": (HEADS, CHUNK, HEAD_DIM)}.items():
-        a, b = torch.randn(max(BATCHED), m, k, generator=gen).to(dtype), torch.randn(max(BATCHED), k, n, generator=gen)
-        b = b.to(dtype)
-        alone = torch.cat([torch.matmul(a[i: i + 1], b[i: i + 1]) for i in range(a.shape[0])])
-        result[f"{name} {m}x{k}x{n}"] = next((s for s in BATCHED if not torch.equal(torch.matmul(a[:s], b[:s]),
-                                                                                      alone[:s])), None)
-    return result
+def chunk_attention_first_differing_batch(dtype: torch.dtype, gen: torch.Generator) -> dict[str, int | None]:
+    """The mode's decode attention runs torch's CPU flash kernel on one chunk of CHUNK keys a row and key head, its
+    query heads as queries, many at once (a step: rows x key heads x chunks, up to ~200 at batch 32), as batches or
+    as heads: the first count at which an output or log-sum-exp differs from the same chunk alone."""
+    groups, n = HEADS // KV_HEADS, max(BATCHED)
+    q = torch.randn(n, 1, groups, HEAD_DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(n, 1, CHUNK, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros(n, 1, 1, CHUNK, dtype=dtype).masked_fill_(torch.rand(n, 1, 1, CHUNK, generator=gen) < 0.3,
+                                                                 float("-inf"))
+    alone = [torch.cat(t) for t in zip(*(flash(q[i: i + 1], k[i: i + 1], v[i: i + 1], attn_mask=mask[i: i + 1],
+                                               scale=HEAD_DIM ** -0.5) for i in range(n)), strict=True)]
+
+    def first(layout: Callable[[torch.Tensor], torch.Tensor], back: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
+        for s in BATCHED:
+            out = flash(*(layout(t[:s]) for t in (q, k, v, mask)), scale=HEAD_DIM ** -0.5)
+            if not all(torch.equal(back(o), a[:s]) for o, a in zip(out, alone, strict=True)):
+                return s
+        return None
+    return {"as batches": first(lambda t: t, lambda t: t),
+            "as heads": first(lambda t: t.transpose(0, 1), lambda t: t.transpose(0, 1))}
 
 
 def main() -> None:
@@ -149,10 +161,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     packed_gen = torch.Generator().manual_seed(1)  # its own draws: the other checks see the weights they always saw
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-              "tile": a.tile, "sizes_tried": list(SIZES), "attention_product_batches_tried": list(BATCHED),
+              "tile": a.tile, "sizes_tried": list(SIZES), "chunk_attention_counts_tried": list(BATCHED),
               "products": {}, "attention_padding": {}, "chunked_attention_padding": {},
               "aligned_attention_padding": {},
-              "attention_products_first_differing_batch": {}}
+              "chunk_attention_first_differing_batch": {}}
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         for product, (k, m) in shapes(a.rank).items():
@@ -178,9 +190,9 @@ def main() -> None:
             dtype, torch.Generator().manual_seed(2))
         print(f"{name:8} attention, keys right-aligned in a multiple of {ALIGN} positions, equal at every such "
               f"length up to 1,536, by key count: {pad}", flush=True)
-        result["attention_products_first_differing_batch"][name] = first = attention_products_first_differing_batch(
-            dtype, gen)
-        print(f"{name:8} chunked decode attention's batched products, first differing batch: {first}", flush=True)
+        result["chunk_attention_first_differing_batch"][name] = first = chunk_attention_first_differing_batch(dtype, gen)
+        print(f"{name:8} chunked decode attention's flash kernel on {CHUNK}-key chunks, first differing count: "
+              f"{first}", flush=True)
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import oracle_drafts, sliding_model
 
 from gsmtune.batch_invariance import CHUNK, TILE, batch_invariant, rowwise_attention, tiled
+from gsmtune.errors import GsmtuneError
 from gsmtune.generation import StopRules, _prefill, generate, stream
 
 
@@ -24,10 +25,11 @@ def test_tiled_linear_rows_do_not_depend_on_the_batch(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kv_len", "own", "kv_heads"), [(60, 15, 1), (CHUNK + 60, CHUNK - 3, 2),
-                                                      (3 * CHUNK + 7, 2 * CHUNK + 1, 1)])
+                                                      (3 * CHUNK + 7, 2 * CHUNK + 1, 1), (2 * CHUNK, CHUNK + 5, 1)])
 def test_decode_attention_ignores_other_rows_padding(dtype, kv_len, own, kv_heads):
     """A decode step's row padded on the left for a longer neighbour attends exactly as it does alone, across chunk
-    boundaries, with a sliding window's masked keys, with one or two key heads; values match SDPA's."""
+    boundaries (the oldest chunk reaching before the cache, or not), with a sliding window's masked keys, with one or
+    two key heads; values match SDPA's."""
     torch.manual_seed(0)
     module = torch.nn.Module()
     q = torch.randn(3, 4, 1, 16).to(dtype)
@@ -44,6 +46,11 @@ def test_decode_attention_ignores_other_rows_padding(dtype, kv_len, own, kv_head
     assert torch.equal(together[2:], alone_in_window)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(together, reference, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_the_mode_refuses_a_model_off_the_cpu():
+    with pytest.raises(GsmtuneError, match="CPU only"), batch_invariant(torch.nn.Linear(2, 2, device="meta")):
+        pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

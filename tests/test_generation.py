@@ -3,7 +3,16 @@ import torch
 from conftest import oracle_drafts, sliding_model
 from transformers import DynamicCache
 
-from gsmtune.generation import Completion, RowText, StopRules, _finish, generate, left_pad, stop_token_ids
+from gsmtune.generation import (
+    Completion,
+    RowText,
+    StopRules,
+    _finish,
+    first_max,
+    generate,
+    left_pad,
+    stop_token_ids,
+)
 
 
 @pytest.mark.parametrize(
@@ -250,3 +259,16 @@ def test_rows_that_end_inside_accepted_drafts_leave_a_realigned_cache(tiny_token
     assert sum(calls) > 30
     # rows ended inside accepted drafts: a realign of n rows followed at once by a selection of fewer
     assert any(0 < a and -b < a for a, b in zip(events, events[1:], strict=False) if b < 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_max_is_argmax_with_ties(dtype):
+    """Blocked search gives max(-1).indices' answer, the first maximum, ties within and across blocks included."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, 8 * 16).to(dtype)
+    logits[0, 0, [5, 9, 100]] = 9.0  # a tie inside the first block and another block
+    logits[1, 2, [40, 127]] = 9.0  # across blocks, the first not in block 0
+    logits[2, 1] = 1.0  # all equal: index 0
+    for x in (logits, logits[:, -1], logits[:, 1:].transpose(0, 1)):
+        assert torch.equal(first_max(x, block=16), x.max(-1).indices)
+    assert torch.equal(first_max(logits[..., :100], block=16), logits[..., :100].max(-1).indices)  # no whole blocks

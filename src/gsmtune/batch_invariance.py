@@ -27,12 +27,13 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from gsmtune.errors import GsmtuneError
 from gsmtune.forward_overrides import overridden
 
 TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
 ROWWISE = "gsmtune_rowwise"
 CHUNK = 128  # key positions a decode step's attention covers in one flash-kernel block
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the log-sum-exp, which SDPA does not
+cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the log-sum-exp, which SDPA does not
 
 
 def tiled(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], tile: int = TILE) -> torch.Tensor:
@@ -112,10 +113,10 @@ def chunked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
             for part, states in ((k, key), (v, value)):
                 part[:, :, : -start].zero_()
                 part[:, 0, -start:] = states[:, h, : start + CHUNK]
-            parts.append(_flash(q, k, v, attn_mask=mask[:, :1], scale=scaling))
+            parts.append(cpu_flash_attention(q, k, v, attn_mask=mask[:, :1], scale=scaling))
         if whole:
             k, v = (t[:, h, kv_len - whole * CHUNK:].unflatten(1, (whole, CHUNK)) for t in (key, value))
-            parts.append(_flash(q.expand(rows, whole, groups, dim), k, v, attn_mask=mask[:, chunks - whole:],
+            parts.append(cpu_flash_attention(q.expand(rows, whole, groups, dim), k, v, attn_mask=mask[:, chunks - whole:],
                                 scale=scaling))
         outs.append(torch.cat([o for o, _ in parts], 1))
         lses.append(torch.cat([lse for _, lse in parts], 1))
@@ -137,6 +138,11 @@ AttentionMaskInterface.register(ROWWISE, sdpa_mask)
 def batch_invariant(model: nn.Module) -> Iterator[None]:
     """Within: every linear layer of `model` (its adapters' too) runs tiled, and its attention `rowwise_attention`.
     A layer's tiles run the product it had on entry (its packed weight's, `packed_weights`), else `F.linear`."""
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise GsmtuneError(f"generation.batch_invariant=true runs on CPU only (its attention is torch's CPU flash "
+                           f"kernel; its invariance is checked there), and the model is on {', '.join(sorted(devices))}: "
+                           "set generation.batch_invariant=false")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     configs = list({id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                     and hasattr(c, "_attn_implementation")}.values())

@@ -120,6 +120,20 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
+def first_max(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The index of each last-dim row's first maximum (argmax's answer). torch's index-carrying reductions run scalar
+    on CPU (`max(-1).indices`: ~8 ms a batch-32 step over Gemma's 262k bf16 logits; argmax 2.6x that): here the
+    vectorized `amax` over `block`-wide blocks finds the first block holding the maximum, and only that block is
+    searched with indices."""
+    *lead, vocab = logits.shape
+    if vocab % block or vocab == block:
+        return logits.max(-1).indices
+    blocks = logits.reshape(-1, vocab // block, block)
+    first = blocks.amax(-1).max(-1).indices  # the first block holding the row's maximum
+    within = blocks[torch.arange(blocks.shape[0], device=logits.device), first].max(-1).indices
+    return (first * block + within).reshape(lead)
+
+
 def sample(logits: torch.Tensor, warpers: LogitsProcessorList, top_k: int, uniforms: torch.Tensor) -> torch.Tensor:
     """One sampled token per row. With top-k the warpers, softmax and draw see each row's k best logits only: the
     distribution of HF's warpers over the whole vocabulary (bar ties at the k-th, which topk breaks), without a
@@ -245,7 +259,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             if drafting:
                 lookups.update({i: Lookup(prompts[i]) for i in joining})
         if sampler is None:
-            chosen = logits.max(-1).indices  # argmax's answer (the first maximum); 2.6x faster on bf16 CPU logits
+            chosen = first_max(logits)
         else:
             uniforms = torch.tensor([1.0 - streams[row].random() for row in rows], dtype=torch.float64)
             chosen = sample(logits, sampler, gen_cfg.top_k, uniforms)
@@ -279,7 +293,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
         if not width:
             logits = logits[:, -1, :]
             continue
-        checked = logits.max(-1).indices.tolist()
+        checked = first_max(logits).tolist()
         keep, junk = [], [width] * len(rows)  # a row that ends here leaves; its junk must not shrink the others' cut
         for pos, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
             accepted = 0
