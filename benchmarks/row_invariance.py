@@ -144,7 +144,7 @@ def chunk_attention_first_differing_batch(dtype: torch.dtype, gen: torch.Generat
 
     def first(layout: Callable[[torch.Tensor], torch.Tensor], back: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
         for s in BATCHED:
-            out = flash(*(layout(t[:s]) for t in (q, k, v, mask)), scale=HEAD_DIM ** -0.5)
+            out = flash(*(layout(t[:s]) for t in (q, k, v)), attn_mask=layout(mask[:s]), scale=HEAD_DIM ** -0.5)
             if not all(torch.equal(back(o), a[:s]) for o, a in zip(out, alone, strict=True)):
                 return s
         return None
