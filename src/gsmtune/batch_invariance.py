@@ -8,11 +8,11 @@ Where the batch leaks into a row's numbers on CPU (`benchmarks/row_invariance.py
   an AMD EPYC and an Intel Xeon with AMX: `benchmarks/row_invariance.py`);
 - attention: a row's masked left padding (the length of the batch's longest row) changes SDPA's sums; here a
   prefill attends row by row, over each row's own positions, and a decode step over chunks of keys counted back from
-  the newest (`chunked_decode_attention`);
+  the newest, each through torch's CPU flash kernel at one fixed shape (`chunked_decode_attention`; CPU only);
 - checked drafts (`generation.draft_tokens`): a drafted position attends in one call with its row's other new
   positions, a plain one alone; here each new position attends as a decode step there would.
 Reductions along a row (the norms, softmax) were row-invariant already. No library offers this on CPU (the known
-batch-invariant kernels are CUDA ones), hence by hand.
+batch-invariant kernels are CUDA ones), hence by hand. Its cost on the AMX machine: 1.2x plain bf16's (BENCHMARKS.md).
 """
 
 from __future__ import annotations
