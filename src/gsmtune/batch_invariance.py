@@ -33,7 +33,8 @@ from gsmtune.forward_overrides import overridden
 TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
 ROWWISE = "gsmtune_rowwise"
 CHUNK = 128  # key positions a decode step's attention covers in one flash-kernel block
-cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the log-sum-exp, which SDPA does not
+# torch's CPU flash attention kernel, which returns each query's log-sum-exp beside its output (SDPA does not)
+cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def tiled(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], tile: int = TILE) -> torch.Tensor:
@@ -116,8 +117,8 @@ def chunked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torc
             parts.append(cpu_flash_attention(q, k, v, attn_mask=mask[:, :1], scale=scaling))
         if whole:
             k, v = (t[:, h, kv_len - whole * CHUNK:].unflatten(1, (whole, CHUNK)) for t in (key, value))
-            parts.append(cpu_flash_attention(q.expand(rows, whole, groups, dim), k, v, attn_mask=mask[:, chunks - whole:],
-                                scale=scaling))
+            parts.append(cpu_flash_attention(q.expand(rows, whole, groups, dim), k, v,
+                                             attn_mask=mask[:, chunks - whole:], scale=scaling))
         outs.append(torch.cat([o for o, _ in parts], 1))
         lses.append(torch.cat([lse for _, lse in parts], 1))
     out = torch.stack(outs, 1)  # [rows, kv_heads, chunks, groups, dim], each chunk's own softmax
