@@ -12,7 +12,7 @@ Where the batch leaks into a row's numbers on CPU (`benchmarks/row_invariance.py
 - checked drafts (`generation.draft_tokens`): a drafted position attends in one call with its row's other new
   positions, a plain one alone; here each new position attends as a decode step there would.
 Reductions along a row (the norms, softmax) were row-invariant already. No library offers this on CPU (the known
-batch-invariant kernels are CUDA ones), hence by hand. Its cost on the AMX machine: 1.2x plain bf16's (BENCHMARKS.md).
+batch-invariant kernels are CUDA ones), hence by hand. Its cost on the AMX machine: 1.2-1.4x plain bf16's (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from gsmtune.errors import GsmtuneError
 from gsmtune.forward_overrides import overridden
 
-TILE = 32  # rows a product always runs on: a full decode batch (32) in one tile
+TILE = 64  # rows a product always runs on: a full decode batch (generation.batch_size's default) in one tile
 ROWWISE = "gsmtune_rowwise"
 CHUNK = 128  # key positions a decode step's attention covers in one flash-kernel block
 # torch's CPU flash attention kernel, which returns each query's log-sum-exp beside its output (SDPA does not)
