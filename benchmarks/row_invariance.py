@@ -16,8 +16,9 @@ And attention: one query over the same keys, with and without masked left paddin
 prompts add), equal or not, for torch's SDPA (the plain decode loop's) and for the mode's chunked decode attention
 (`gsmtune.batch_invariance.chunked_decode_attention`), and SDPA with a row's keys right-aligned in a timeline of a
 multiple of 512 positions (tried for the mode, not kept: BENCHMARKS.md); and the chunked attention's kernel (torch's
-CPU flash attention on one chunk of keys a row; a step runs rows x key heads x chunks of them, up to ~200 at batch 32,
-as batches or viewed in place as heads): the first count at which an output differs from the same chunk alone.
+CPU flash attention on one chunk of keys a row; a step runs rows x key heads x chunks of them, the rows as batches
+(up to 64 at the default batch) and a key head's chunks viewed in place as heads): the first count at which an
+output differs from the same chunk alone.
 No model weights are loaded; seconds on a CPU.
 """
 
@@ -132,8 +133,9 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 def chunk_attention_first_differing_batch(dtype: torch.dtype, gen: torch.Generator) -> dict[str, int | None]:
     """The mode's decode attention runs torch's CPU flash kernel on one chunk of CHUNK keys a row and key head, its
-    query heads as queries, many at once (a step: rows x key heads x chunks, up to ~200 at batch 32), as batches or
-    as heads: the first count at which an output or log-sum-exp differs from the same chunk alone."""
+    query heads as queries, many at once (a step: its rows as batches, up to 64 at the default batch, and a key
+    head's chunks as heads), as batches or as heads: the first count at which an output or log-sum-exp differs from
+    the same chunk alone."""
     groups, n = HEADS // KV_HEADS, max(BATCHED)
     q = torch.randn(n, 1, groups, HEAD_DIM, generator=gen).to(dtype)
     k, v = (torch.randn(n, 1, CHUNK, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
