@@ -149,23 +149,23 @@ def test_continuous_batching_matches_one_by_one(tiny_tokenizer, monkeypatch):
     alone = [generate(model, tok, [p], gen, none)[0] for p in prompts]
     assert {c.stop_reason for c in alone} == {"eos", "max_tokens"}  # this seed's rows end at different steps
 
-    seen = {"join": 0, "trim": 0, "timeline": 0}
-    join, trim = generation.join, generation.trim
+    seen = {"place": 0, "trim": 0, "timeline": 0}
+    place, trim = generation.place, generation.trim
 
-    def counting_join(cache, length, other, other_length):
-        seen["join"] += 1
-        join(cache, length, other, other_length)
+    def counting_place(cache, length, slots, other, other_length):
+        seen["place"] += 1
+        return place(cache, length, slots, other, other_length)
 
     def counting_trim(cache, length, columns):
         seen["trim"] += 1
         seen["timeline"] = max(seen["timeline"], length)
         trim(cache, length, columns)
 
-    monkeypatch.setattr(generation, "join", counting_join)
+    monkeypatch.setattr(generation, "place", counting_place)
     monkeypatch.setattr(generation, "trim", counting_trim)
     together = dict(generation.stream(model, tok, prompts, gen, none, batch_size=2))
     assert [together[i] for i in range(len(prompts))] == alone
-    assert seen["join"] >= 1 and seen["trim"] >= 1 and seen["timeline"] > 6
+    assert seen["place"] >= 1 and seen["trim"] >= 1 and seen["timeline"] > 6
 
 
 def test_a_repeated_prompt_is_prefilled_once(tiny_model_dir, tiny_tokenizer):
@@ -194,7 +194,8 @@ def test_a_repeated_prompt_is_prefilled_once(tiny_model_dir, tiny_tokenizer):
 
 def test_checked_drafts_give_the_tokens_of_plain_decoding(tiny_tokenizer, monkeypatch):
     """Tail steps check tokens looked up in each row: rows accept different numbers of them, the cache is realigned
-    past the sliding window, waiting prompts still join; completions equal plain decoding's, in fewer model calls."""
+    past the sliding window; completions equal plain decoding's, in fewer model calls. While prompts wait (finished
+    rows hold their places for them) no drafts are checked."""
     from gsmtune import generation
     from gsmtune.config import load_config
 
@@ -203,10 +204,10 @@ def test_checked_drafts_give_the_tokens_of_plain_decoding(tiny_tokenizer, monkey
     texts = ["Question: Tom has 3 apples and 4 pears\nAnswer:", "Question: A box\nAnswer:", "Question: 7\nAnswer:",
              "Question: Sara buys 12 eggs at $2 each\nAnswer:", "Question: half of 10\nAnswer:", "1 2 1 2 1 2 1 2"]
     prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
-    calls, drafts, joins, forward, draft, join = [], [], [], model.forward, generation.Lookup.draft, generation.join
+    calls, drafts, places, forward, draft, place = [], [], [], model.forward, generation.Lookup.draft, generation.place
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     monkeypatch.setattr(generation.Lookup, "draft", lambda self, k: drafts.append(len(d := draft(self, k))) or d)
-    monkeypatch.setattr(generation, "join", lambda *a: joins.append(sum(drafts)) or join(*a))
+    monkeypatch.setattr(generation, "place", lambda *a: places.append(sum(drafts)) or place(*a))
     runs = {}
     for depth in (0, 8):
         gen = load_config(None, ["generation.max_new_tokens=30", f"generation.draft_tokens={depth}"]).generation
@@ -215,7 +216,7 @@ def test_checked_drafts_give_the_tokens_of_plain_decoding(tiny_tokenizer, monkey
         done = dict(generation.stream(model, tok, prompts, gen, StopRules(False, False), batch_size=4))
         runs[depth] = done, len(calls), sum(drafts)
     assert runs[8][0] == runs[0][0]
-    assert joins and max(joins) > 0  # a waiting prompt joined after drafts had been checked
+    assert places and max(places) == 0  # prompts joined, and no draft was checked before the last did
     assert {c.stop_reason for c in runs[0][0].values()} == {"eos", "max_tokens"}
     assert runs[0][2] == 0 < runs[8][2] and runs[8][1] < runs[0][1]
 

@@ -20,7 +20,7 @@ from transformers import (
 from gsmtune.batch_invariance import batch_invariant
 from gsmtune.calculator import Calculator
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
-from gsmtune.kv_cache import join, new_cache, realign, realign_mask, supports_joining, trim
+from gsmtune.kv_cache import new_cache, place, realign, realign_mask, supports_joining, trim
 from gsmtune.output_screen import screened_output_layer
 from gsmtune.packed_weights import packed_linears
 from gsmtune.prompt_lookup import Lookup
@@ -212,7 +212,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
     waiting = deque(range(len(prompts)))
     texts: dict[int, RowText] = {}
     lookups: dict[int, Lookup] = {}
-    rows: list[int] = []  # the prompt index of each row of the running batch
+    rows: list[int | None] = []  # the prompt index of each row of the running batch; None: a finished row's place
     cache, mask, logits = None, None, None
 
     def take(row: int, token: int) -> Completion | None:
@@ -234,7 +234,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
         return None
 
     def select(keep: list[int]) -> None:
-        """Finished rows leave the batch and the cache."""
+        """Finished rows leave the batch and the cache (a copy of every row kept)."""
         nonlocal rows, mask
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
@@ -243,35 +243,42 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             rows = [rows[pos] for pos in keep]
 
     while waiting or rows:
-        free = batch_size - len(rows)
-        if waiting and (not rows or (free >= max(1, batch_size // 4) and joinable)):
-            joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+        places = [pos for pos, row in enumerate(rows) if row is None]  # finished rows', kept while prompts wait
+        if waiting and (not rows or (len(places) >= max(1, batch_size // 4) and joinable)):
+            joining = [waiting.popleft() for _ in range(min(len(places) or batch_size, len(waiting)))]
             fresh_logits, fresh_cache, fresh_mask = _prefill(model, [prompts[i] for i in joining], pad_id, device)
-            if rows:
-                width = max(mask.shape[1], fresh_mask.shape[1])
-                join(cache, mask.shape[1], fresh_cache, fresh_mask.shape[1])
-                mask = torch.cat([_left_pad_mask(mask, width), _left_pad_mask(fresh_mask, width)])
-                logits = torch.cat([logits, fresh_logits])
+            if rows:  # into finished rows' places: written in place, the running rows are not copied
+                places = places[:len(joining)]
+                width = place(cache, mask.shape[1], places, fresh_cache, fresh_mask.shape[1])
+                mask = _left_pad_mask(mask, width)
+                mask[places] = _left_pad_mask(fresh_mask, width)
+                logits[places] = fresh_logits
+                for pos, row in zip(places, joining, strict=True):
+                    rows[pos] = row
             else:
-                cache, mask, logits = fresh_cache, fresh_mask, fresh_logits
-            rows += joining
+                cache, mask, logits, rows = fresh_cache, fresh_mask, fresh_logits, joining
             texts.update({i: RowText(tokenizer) for i in joining})
             if drafting:
                 lookups.update({i: Lookup(prompts[i]) for i in joining})
         if sampler is None:
             chosen = first_max(logits)
         else:
-            uniforms = torch.tensor([1.0 - streams[row].random() for row in rows], dtype=torch.float64)
+            uniforms = torch.tensor([1.0 if row is None else 1.0 - streams[row].random() for row in rows],
+                                    dtype=torch.float64)
             chosen = sample(logits, sampler, gen_cfg.top_k, uniforms)
+        # while prompts wait, a finished row keeps its place (fed padding) until a joining prompt takes it: rows
+        # leaving and joining then copy no running row's cache
+        holding = bool(waiting) and joinable
         keep, next_tokens = [], []
         for pos, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
-            done = take(row, token)
-            if done is None:
-                keep.append(pos)
-                next_tokens.append(texts[row].tokens[-1])
-            else:
+            done = None if row is None else take(row, token)
+            if done is not None:
                 yield row, done
-        if not keep:
+                rows[pos] = None
+            if rows[pos] is not None or holding:
+                keep.append(pos)
+                next_tokens.append(pad_id if rows[pos] is None else texts[row].tokens[-1])
+        if all(row is None for row in rows):
             rows, cache, mask, logits = [], None, None, None
             continue
         select(keep)
@@ -281,7 +288,7 @@ def _decode(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRule
             mask = mask[:, padding:]
         # tail steps (few rows) check drafts too, up to a full batch's positions (at least one row's full draft): in
         # bf16, 4 rows x 5 positions took 75-77 ms against 56-58 for a plain step of 6 rows (BENCHMARKS.md)
-        depth = min(most_drafts, max(batch_size, most_drafts + 1) // len(rows) - 1) if drafting else 0
+        depth = min(most_drafts, max(batch_size, most_drafts + 1) // len(rows) - 1) if drafting and not holding else 0
         drafts = [lookups[row].draft(depth) for row in rows] if depth > 0 else []
         width = max(map(len, drafts), default=0)
         inputs = torch.tensor([[t, *d, *[pad_id] * (width - len(d))] for t, d in

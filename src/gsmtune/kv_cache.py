@@ -2,8 +2,8 @@
 
 transformers ships continuous batching (`generate_batch`), but on CPU it measured slower than plain `generate` and it
 has no stop strings (BENCHMARKS.md). What the decode loop needs on top of DynamicCache: layers that append into spare
-room instead of `torch.cat` (which copies the whole cache at every step), joining two running batches, and dropping
-padding columns. Every row shares one timeline; a row's tokens sit right-aligned in it, left padding masked.
+room instead of `torch.cat` (which copies the whole cache at every step), new rows written into finished rows' places
+(no copy of the running rows), and dropping padding columns. Every row shares one timeline; a row's tokens sit right-aligned in it, left padding masked.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def new_cache(config) -> DynamicCache:
 
 
 def supports_joining(cache) -> bool:
-    """Plain and sliding-window attention layers only (the layouts `join` and `trim` know)."""
+    """Plain and sliding-window attention layers only (the layouts `place` and `trim` know)."""
     known = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer, GrowingSlidingWindowLayer)
     return all(type(layer) in known for layer in cache.layers)
 
@@ -97,19 +97,24 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if width == 0 else torch.cat([t.new_zeros(*t.shape[:2], width, t.shape[3]), t], dim=2)
 
 
-def join(cache, length: int, other, other_length: int) -> None:
-    """Append `other`'s rows to `cache` in place, both timelines aligned on their last position."""
+def place(cache, length: int, slots: list[int], other, other_length: int) -> int:
+    """Write `other`'s rows into rows `slots` of `cache` (finished rows' places), both timelines aligned on their last
+    position; returns the timeline's new length. A cache whose timeline is shorter than `other`'s first grows to the
+    left (one copy); otherwise only the new rows are written, in place, and appends go on in the same buffers. Columns
+    before a new row's first position keep the old row's states: the caller's attention mask hides them."""
     timeline = max(length, other_length)
+    index = torch.tensor(slots, device=other.layers[0].keys.device)
     for layer, extra in zip(cache.layers, other.layers, strict=True):
         if not (layer.is_initialized and extra.is_initialized):
             continue
         width = _stored(layer, timeline)
-        layer.keys = torch.cat([_left_pad(layer.keys, width - layer.keys.shape[2]),
-                                _left_pad(extra.keys, width - extra.keys.shape[2])])
-        layer.values = torch.cat([_left_pad(layer.values, width - layer.values.shape[2]),
-                                  _left_pad(extra.values, width - extra.values.shape[2])])
+        for name in ("keys", "values"):
+            mine, theirs = _left_pad(getattr(layer, name), width - getattr(layer, name).shape[2]), getattr(extra, name)
+            mine[index, :, width - theirs.shape[2]:] = theirs
+            setattr(layer, name, mine)
         if layer.is_sliding:
             layer.cumulative_length = timeline
+    return timeline
 
 
 def trim(cache, length: int, columns: int) -> None:
