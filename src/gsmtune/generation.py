@@ -22,6 +22,7 @@ from gsmtune.calculator import Calculator
 from gsmtune.gsm8k_format import ANSWER_LINE, NEW_QUESTION
 from gsmtune.kv_cache import new_cache, place, realign, realign_mask, supports_joining, trim
 from gsmtune.output_screen import screened_output_layer
+from gsmtune.packed_lora import packed_lora
 from gsmtune.packed_weights import packed_linears
 from gsmtune.prompt_lookup import Lookup
 
@@ -179,9 +180,11 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     the same at batch 1, 4 and 6 in the tests; bf16 logits move with the batch).
 
     Our own decode loop on HF's KV cache because `generate` keeps finished rows in the batch until its longest row is
-    done (GSM8K rows stop at very different lengths). Here a finished row leaves the batch and the cache at once, and
-    waiting prompts join the running batch (continuous batching), so up to `batch_size` rows are always decoding.
-    bf16 linear layers on CPU multiply by weights packed for oneDNN (`packed_weights`: the same bits, less time).
+    done (GSM8K rows stop at very different lengths). Here a finished row's place in the batch and its cache goes to a
+    waiting prompt (continuous batching; written in place, no running row copied), so up to `batch_size` rows are
+    always decoding; once none wait, finished rows leave at once.
+    bf16 linear layers on CPU multiply by weights packed for oneDNN (`packed_weights`: the same bits, less time);
+    outside the batch-invariant mode an unmerged LoRA adapter's layers run as packed products too (`packed_lora`).
     Float32 greedy or top-k decoding on CPU screens the output layer in bf16 (`output_screen`: the same tokens).
     Greedy decoding without the calculator checks drafts once few rows are left (`_draft_tokens`): each row
     feeds up to that many tokens looked up in its own text (`prompt_lookup`) after its chosen one, within a full
@@ -192,8 +195,11 @@ def stream(model, tokenizer, prompts: list[list[int]], gen_cfg, rules: StopRules
     if len(keys) != len(prompts):
         raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts: give one key per prompt")
     streams = [random.Random(f"{seed}/{key}") for key in keys] if sampler is not None else None
-    invariant = batch_invariant(model) if getattr(gen_cfg, "batch_invariant", False) else contextlib.nullcontext()
-    with packed_linears(model), invariant, screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0):
+    mode = getattr(gen_cfg, "batch_invariant", False)
+    invariant = batch_invariant(model) if mode else contextlib.nullcontext()
+    adapter = contextlib.nullcontext() if mode else packed_lora(model)
+    with (packed_linears(model), invariant, adapter,
+          screened_output_layer(model, None if sampler is None else gen_cfg.top_k or 0)):
         yield from _decode(model, tokenizer, prompts, gen_cfg, rules, sampler, streams, batch_size, on_text)
 
 

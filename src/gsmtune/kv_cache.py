@@ -3,7 +3,8 @@
 transformers ships continuous batching (`generate_batch`), but on CPU it measured slower than plain `generate` and it
 has no stop strings (BENCHMARKS.md). What the decode loop needs on top of DynamicCache: layers that append into spare
 room instead of `torch.cat` (which copies the whole cache at every step), new rows written into finished rows' places
-(no copy of the running rows), and dropping padding columns. Every row shares one timeline; a row's tokens sit right-aligned in it, left padding masked.
+(no copy of the running rows), and dropping padding columns. Every row shares one timeline; a row's tokens sit
+right-aligned in it, left padding masked.
 """
 
 from __future__ import annotations
