@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-BUCKETS = ((1, 6), (7, 16), (17, 32), (33, 64))
+BUCKETS = ((1, 6), (7, 16), (17, 32), (33, 64), (65, 1024))
 
 
 def bandwidth_gb_s(megabytes: int = 1024, repeats: int = 5) -> float:

@@ -60,7 +60,7 @@ class PromptConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
-    batch_size: int = 64
+    batch_size: int = 128
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
