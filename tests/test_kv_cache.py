@@ -122,3 +122,35 @@ def test_realign_keeps_each_rows_accepted_positions_right_aligned(window):
         layer.update(k[row:row + 1], v[row:row + 1])
         torch.testing.assert_close(ours.keys[row:row + 1, :, -layer.keys.shape[2]:], layer.keys, rtol=0, atol=0)
         torch.testing.assert_close(ours.values[row:row + 1, :, -layer.values.shape[2]:], layer.values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_place_writes_new_rows_into_finished_rows_in_place(window):
+    """A shorter newcomer goes right-aligned into its row of the same buffer (the other rows untouched, the next append
+    still in place); a longer one first widens the timeline to the left."""
+    from types import SimpleNamespace
+
+    from gsmtune.kv_cache import place
+
+    def cache_of(rows: int, length: int):
+        layer = GrowingLayer() if window is None else GrowingSlidingWindowLayer(sliding_window=window)
+        layer.update(*states(rows, length))
+        return SimpleNamespace(layers=[layer])
+
+    torch.manual_seed(0)
+    main, short, long = cache_of(3, 10), cache_of(1, 4), cache_of(1, 12)
+    layer = main.layers[0]
+    kept, buffer = layer.keys[[0, 2]].clone(), layer.key_buffer
+    assert place(main, 10, [1], short, 4) == 10
+    assert layer.keys.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert torch.equal(layer.keys[[0, 2]], kept)
+    assert torch.equal(layer.keys[1, :, -4:], short.layers[0].keys[0])
+    layer.update(*states(3, 1))
+    assert layer.key_buffer is buffer  # appends go on in the same buffer
+    stored, other = layer.keys.shape[2], layer.keys[2].clone()
+    assert place(main, 11, [0], long, 12) == 12
+    width = 12 if window is None else window - 1
+    assert layer.keys.shape[2] == width >= stored
+    assert torch.equal(layer.keys[0, :, -long.layers[0].keys.shape[2]:], long.layers[0].keys[0])
+    assert torch.equal(layer.keys[2, :, -stored:], other)  # the running row kept, right-aligned
+    assert not layer.keys[2, :, :width - stored].any()  # behind it, the new columns: zeros
