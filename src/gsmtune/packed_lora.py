@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gsmtune.forward_overrides import overridden
-from gsmtune.packed_weights import MAX_ROWS, available_bytes, pack, packable, packed_linear
+from gsmtune.packed_weights import pack, packable, packed_linear, prefill_rows, short_of_memory
 
 
 def _single_plain_adapter(module: nn.Module) -> str | None:
@@ -42,7 +42,7 @@ def _single_plain_adapter(module: nn.Module) -> str | None:
 def _forward(x: torch.Tensor, adapter_in: torch.Tensor, both: torch.Tensor, bias: torch.Tensor | None,
              peft_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A decode step's rows through the two packed products; a prefill's many rows through peft's own forward."""
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+    if prefill_rows(x):
         return peft_forward(x)
     return packed_linear(torch.cat([x, packed_linear(x, adapter_in)], dim=-1), both, bias)
 
@@ -61,10 +61,9 @@ def packed_lora(model: nn.Module) -> Iterator[int]:
     `packed_linears`, nothing is packed (one warning) where the packs would take over half the memory available."""
     layers = {m: name for m in model.modules() if (name := _single_plain_adapter(m)) is not None}
     needed = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size() for m in layers)
-    free = available_bytes()
-    if layers and free is not None and needed > free // 2:
+    if layers and (free := short_of_memory(needed)) is not None:
         warnings.warn(f"gsmtune: decoding the LoRA adapter through peft: its packs need {needed / 2**30:.1f} GiB and "
-                      f"{free / 2**30:.1f} GiB is available (slower)", stacklevel=3)
+                      f"{free:.1f} GiB is available (slower)", stacklevel=3)
         layers = {}
 
     def make(module: nn.Module, before: Callable | None) -> Callable:

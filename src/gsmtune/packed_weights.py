@@ -58,10 +58,15 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def prefill_rows(x: torch.Tensor) -> bool:
+    """More rows than a packed product takes (`MAX_ROWS`): a prefill's, left to the unpacked forward."""
+    return x.numel() > MAX_ROWS * x.shape[-1]
+
+
 def layer_forward(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """A packed layer's forward: the packed product for a decode step's rows, `F.linear` for a prefill's many."""
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+    if prefill_rows(x):
         return nn.functional.linear(x, weight, bias)
     return packed_linear(x, packed, bias)
 
@@ -75,6 +80,13 @@ def available_bytes() -> int | None:
         return None
 
 
+def short_of_memory(needed: int) -> float | None:
+    """GiB available now where packs of `needed` bytes would take over half of it (then nothing is packed rather than
+    pushing the machine into swap); None where they fit or the available memory is unknown."""
+    free = available_bytes()
+    return free / 2**30 if free is not None and needed > free // 2 else None
+
+
 @contextlib.contextmanager
 def packed_linears(model: nn.Module) -> Iterator[int]:
     """Within: each linear layer of `model` with a packable weight multiplies by its packed copy. Yields how many.
@@ -83,10 +95,10 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
     says so) rather than pushing the machine into swap."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in m.__dict__
                and packable(m.weight)]
-    needed, free = sum(m.weight.numel() * m.weight.element_size() for m in linears), available_bytes()
-    if linears and free is not None and needed > free // 2:
+    needed = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if linears and (free := short_of_memory(needed)) is not None:
         warnings.warn(f"gsmtune: decoding without packed bf16 weights: they need {needed / 2**30:.1f} GiB and "
-                      f"{free / 2**30:.1f} GiB is available (slower, same tokens)", stacklevel=3)
+                      f"{free:.1f} GiB is available (slower, same tokens)", stacklevel=3)
         linears = []
     with overridden(linears, lambda m, _: functools.partial(layer_forward, weight=m.weight, packed=pack(m.weight),
                                                              bias=m.bias)):
